@@ -1,0 +1,1 @@
+"""Training pipeline for CondConv models: Lightning modules, data, sweeps, tracking, frontier."""
