@@ -1,0 +1,89 @@
+"""`CondConvNet`: the common shape of every backbone (stem -> body blocks -> head -> classifier)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from condconv.layers import CondConv2d, CondLinear, RoutingFn, init_expert_kernels_
+
+__all__ = ["CondConvNet", "init_weights"]
+
+
+class CondConvNet(nn.Module):
+    """A classification backbone whose body blocks are indexed by CondConv placements.
+
+    ``blocks[i]`` is body block ``i``; ``head`` (optional) is the final 1x1 conv and
+    ``classifier`` the pooled FC. ``block_strides[i]`` is the total stride after block ``i``.
+    """
+
+    def __init__(
+        self,
+        stem: nn.Module,
+        blocks: Sequence[nn.Module],
+        head: Optional[nn.Module],
+        classifier: nn.Module,
+        block_channels: Sequence[int],
+        block_strides: Sequence[int],
+    ) -> None:
+        super().__init__()
+        self.stem = stem
+        self.blocks = nn.Sequential(*blocks)
+        self.head = head if head is not None else nn.Identity()
+        self.classifier = classifier
+        self.block_channels = list(block_channels)
+        self.block_strides = list(block_strides)
+
+    @property
+    def num_features(self) -> int:
+        """Channels entering the classifier."""
+        return self.classifier.in_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Features before pooling: stem, body blocks, head."""
+        return self.head(self.blocks(self.stem(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, num_classes]."""
+        return self.classifier(self.forward_features(x))
+
+
+def init_weights(model: nn.Module, zero_init_last_bn: bool = False) -> None:
+    """Initialise as torchvision/timm do: kaiming-normal (fan_out) convs, unit BN, small-normal FC.
+
+    CondConv layers get the same init for each expert, so every expert starts like the static
+    layer it replaces.
+    """
+    conv_init = lambda w: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")  # noqa: E731
+    # Routing FCs keep PyTorch's default init: a fan-in-scaled start keeps sigmoid routing near 0.5
+    # instead of saturating on wide blocks.
+    routing_fcs = {id(m.fc) for m in model.modules() if isinstance(m, RoutingFn)}
+    for m in model.modules():
+        if id(m) in routing_fcs:
+            continue
+        if isinstance(m, CondConv2d):
+            init_expert_kernels_(m.weight, conv_init)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            conv_init(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, CondLinear):
+            init_expert_kernels_(m.weight, lambda w: nn.init.uniform_(w, -1 / math.sqrt(w.shape[0]), 1 / math.sqrt(w.shape[0])))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            bound = 1 / math.sqrt(m.out_features)
+            nn.init.uniform_(m.weight, -bound, bound)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    if zero_init_last_bn:
+        for m in model.modules():
+            if hasattr(m, "conv3") and hasattr(m.conv3, "bn"):
+                nn.init.zeros_(m.conv3.bn.weight)
