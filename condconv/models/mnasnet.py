@@ -33,8 +33,9 @@ register_model(
     ArchDef(
         name="mnasnet_a1",
         block_configs=partial(expand_stages, MNASNET_A1),
-        paper_placement=lambda configs: {i for i, c in enumerate(configs) if c.stage >= 5},
+        # Stages 5-7 (0-indexed 4..6): the last 6 blocks, from the 112-channel stage on.
+        paper_placement=lambda configs: {i for i, c in enumerate(configs) if c.stage >= 4},
         build=partial(build_mbnet, MNASNET_A1),
-        description="MnasNet-A1; 16 blocks; paper: late blocks",
+        description="MnasNet-A1; 16 blocks; paper: late blocks (last 6)",
     )
 )
