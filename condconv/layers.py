@@ -144,6 +144,10 @@ class CondConv2d(nn.Module):
             # [B, out, in] @ [B, in, HW]: one batched matmul, no im2col.
             out = torch.bmm(kernels.reshape(batch, self.out_channels, channels), x.reshape(batch, channels, -1))
             out = out.reshape(batch, self.out_channels, height, width)
+        elif torch.compiler.is_compiling():
+            # Inductor cannot handle a group count that depends on a dynamic batch size, so compiled
+            # graphs use im2col + batched matmul, which has static groups.
+            out = self._forward_unfold(x, kernels)
         else:
             # Fold the batch into the channel axis: one grouped conv with B x groups groups.
             out = F.conv2d(
@@ -159,6 +163,22 @@ class CondConv2d(nn.Module):
         if self.bias is not None:
             out = out + torch.matmul(routing_weights, self.bias)[:, :, None, None]
         return out
+
+    def _forward_unfold(self, x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+        """Per-example conv as im2col + batched matmul: [B, g, out/g, K] @ [B, g, K, L]."""
+        batch, _, height, width = x.shape
+        kh, kw = self.kernel_size
+        padding = self.padding
+        if isinstance(padding, str):
+            padding = (0, 0) if padding == "valid" else tuple(d * (k - 1) // 2 for d, k in zip(self.dilation, self.kernel_size))
+        cols = F.unfold(x, self.kernel_size, self.dilation, padding, self.stride)  # [B, C*kh*kw, L]
+        g = self.groups
+        cols = cols.reshape(batch, g, (self.in_channels // g) * kh * kw, -1)
+        w = kernels.reshape(batch, g, self.out_channels // g, -1)
+        out = torch.matmul(w, cols)  # [B, g, out/g, L]
+        out_h = (height + 2 * padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        out_w = (width + 2 * padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        return out.reshape(batch, self.out_channels, out_h, out_w)
 
     def extra_repr(self) -> str:
         s = (

@@ -9,7 +9,7 @@ from torch import nn
 
 from condconv.layers import CondConv2d, CondLinear, RoutingFn, init_expert_kernels_
 
-__all__ = ["CondConvNet", "init_weights"]
+__all__ = ["CondConvNet", "init_weights", "channels_last_"]
 
 
 class CondConvNet(nn.Module):
@@ -87,3 +87,16 @@ def init_weights(model: nn.Module, zero_init_last_bn: bool = False) -> None:
         for m in model.modules():
             if hasattr(m, "conv3") and hasattr(m.conv3, "bn"):
                 nn.init.zeros_(m.conv3.bn.weight)
+
+
+def channels_last_(model: nn.Module) -> nn.Module:
+    """Put 4-d conv weights in channels_last memory format, in place; returns the model.
+
+    ``model.to(memory_format=torch.channels_last)`` fails on CondConv's 5-d expert weights, so
+    only tensors of rank 4 are converted (CondConv mixes its kernels per example anyway).
+    """
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.dim() == 4:
+                param.data = param.data.contiguous(memory_format=torch.channels_last)
+    return model

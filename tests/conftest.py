@@ -1,0 +1,21 @@
+"""Shared test setup: keep every test's MLflow/Ray/outputs inside its tmp dir, small thread counts."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# 2-core CI machine: avoid oversubscription across DDP/Ray processes.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip GPU tests on machines without CUDA (each has a CPU twin)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
