@@ -1,0 +1,442 @@
+"""`condconv sweep`: a Ray Tune grid whose trials are Ray Train DDP jobs running the `condconv fit` code.
+
+Flow (Ray 2.60, Train V2): the driver validates every trial config, starts (or joins) a Ray
+cluster, opens or reuses the sweep's MLflow parent run, and runs a Tune grid. Each Tune trial is a
+small function (`trial_driver`) that gets or creates its MLflow child run and fits a
+`TorchTrainer`; its workers run `train_loop` = `build_fit` (the same code as `condconv fit`)
+with Ray's DDP strategy, environment and report callback. Metrics flow to Tune through
+`TuneReportCallback`; MLflow logging happens on rank 0 only (Lightning's MLflow logger).
+
+Resume: the Tune experiment, the Ray Train runs and the MLflow runs all have deterministic names
+(sweep name, trial key), so running the same command again restores the Tune experiment,
+skips finished trials, resumes unfinished ones from their last checkpoint and logs into the
+same MLflow runs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline.sweep_config import SweepConfig, SweepError, Trial, expand_trials, get_dotted, set_dotted
+
+__all__ = [
+    "SweepResult",
+    "TrialOutcome",
+    "validate_trials",
+    "run_sweep",
+    "trial_driver",
+    "train_loop",
+    "SWEEP_NAME_TAG",
+    "TRIAL_KEY_TAG",
+]
+
+log = logging.getLogger(__name__)
+
+SWEEP_NAME_TAG = "condconv.sweep"
+TRIAL_KEY_TAG = "condconv.trial_key"
+DRIVER_CPUS = 0.1  # a Tune trial's own function only waits on its Ray Train run
+
+
+@dataclass
+class TrialOutcome:
+    """One trial at the end of a sweep."""
+
+    key: str
+    status: str
+    metrics: dict[str, Any]
+    run_id: Optional[str]
+    error: Optional[str] = None
+
+
+@dataclass
+class SweepResult:
+    """What a sweep produced: per-trial outcomes, the MLflow parent run and the frontier files."""
+
+    name: str
+    parent_run_id: str
+    experiment_name: str
+    tracking_uri: str
+    trials: list[TrialOutcome]
+    frontier_paths: dict[str, Path] = field(default_factory=dict)
+    frontier_table: str = ""
+
+
+# ----------------------------------------------------------------------------- validation
+def _is_local_path(uri: str) -> bool:
+    return "://" not in uri and not uri.startswith("pipe:")
+
+
+def _absolutise(config: dict[str, Any], tracking_uri: str, experiment_name: str) -> None:
+    """Make every path in a trial config absolute: Ray workers do not share the driver's cwd."""
+    data_dir = get_dotted(config, "data.data_dir")
+    if isinstance(data_dir, str) and _is_local_path(data_dir):
+        set_dotted(config, "data.data_dir", os.path.abspath(data_dir))
+    set_dotted(config, "mlflow.tracking_uri", tracking_uri)
+    set_dotted(config, "mlflow.experiment_name", experiment_name)
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """``sqlite:///relative.db`` -> ``sqlite:////abs/relative.db``; other URIs unchanged."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    if _is_local_path(uri) and not uri.startswith("/"):
+        return os.path.abspath(uri)
+    return uri
+
+
+def validate_trials(trials: list[Trial]) -> None:
+    """Parse every trial config as `condconv fit` would, without building anything heavy.
+
+    Unknown keys, bad values, invalid model specs (arch, placement range ...) and a missing
+    dataset raise `SweepError` naming the trial and the problem.
+    """
+    import argparse
+
+    import condconv
+    from condconv.models.registry import resolve_positions
+    from pipeline.lightning_cli import CondConvCLI, ConfigError, _cli_kwargs, _default_datamodule_class
+    from pipeline.classification import ClassificationModule
+
+    class _ParseOnly(CondConvCLI):
+        def instantiate_classes(self) -> None:  # parsing validates; building is the trial's job
+            return None
+
+    kwargs = _cli_kwargs(ClassificationModule, _default_datamodule_class())
+    for trial in trials:
+        try:
+            _ParseOnly(args=trial.config, run=False, build_trainer=False, **kwargs)
+            spec_fields = get_dotted(trial.config, "model.model") or {}
+            resolve_positions(condconv.ModelSpec(**spec_fields))
+        except (argparse.ArgumentError, ConfigError, ValueError, TypeError) as err:
+            raise SweepError(f"trial {trial.key}: {' '.join(str(err).split())}") from None
+        except SystemExit:
+            raise SweepError(f"trial {trial.key}: invalid fit config") from None
+        data_dir = get_dotted(trial.config, "data.data_dir")
+        if isinstance(data_dir, str) and _is_local_path(data_dir) and not Path(data_dir, "manifest.json").is_file():
+            raise SweepError(
+                f"trial {trial.key}: data.data_dir={data_dir!r} has no manifest.json; make shards with "
+                f"`condconv data imagenet-to-wds SRC {data_dir}`"
+            )
+
+
+# ----------------------------------------------------------------------------- Ray workers
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker: the same Lightning fit as `condconv fit`, with Ray's DDP plumbing."""
+    import ray.train
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
+
+    from pipeline.lightning_cli import build_fit
+
+    use_gpu = loop_config["use_gpu"]
+    parts = build_fit(
+        loop_config["fit_config"],
+        extra_callbacks=[RayTrainReportCallback()],
+        strategy=RayDDPStrategy(),
+        plugins=[RayLightningEnvironment()],
+        trainer_overrides={
+            "accelerator": "gpu" if use_gpu else "cpu",
+            "devices": "auto",
+            "enable_progress_bar": False,
+            "enable_checkpointing": False,  # RayTrainReportCallback checkpoints every epoch
+        },
+    )
+    trainer = prepare_trainer(parts.make_trainer())
+    ckpt_path = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        # Restarted after a failure or an interrupted sweep: continue from the last epoch.
+        with checkpoint.as_directory() as ckpt_dir:
+            ckpt_path = str(Path(ckpt_dir, RayTrainReportCallback.CHECKPOINT_NAME))
+            trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=ckpt_path)
+        return
+    trainer.fit(parts.module, datamodule=parts.datamodule)
+
+
+def _get_or_create_child_run(
+    tracking_uri: str, experiment_id: str, parent_run_id: str, trial_key: str, run_name: str, tags: dict[str, str]
+) -> str:
+    """The MLflow child run of a trial: the existing one when the trial is resumed, else a new one."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import PARENT_RUN_TAG, ROLE_TAG, ROLE_TRIAL
+
+    client = MlflowClient(tracking_uri)
+    existing = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}' and tags.`{TRIAL_KEY_TAG}` = '{trial_key}'",
+        max_results=1,
+    )
+    if existing:
+        run_id = existing[0].info.run_id
+        if existing[0].info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "condconv.restarts", str(int(existing[0].data.tags.get("condconv.restarts", "0")) + 1))
+        return run_id
+    run = client.create_run(
+        experiment_id,
+        run_name=run_name,
+        tags={PARENT_RUN_TAG: parent_run_id, TRIAL_KEY_TAG: trial_key, ROLE_TAG: ROLE_TRIAL, **tags},
+    )
+    return run.info.run_id
+
+
+def trial_driver(config: dict[str, Any]) -> None:
+    """Tune trial: get/create the MLflow child run, then run the trial's DDP job as a TorchTrainer."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    import condconv
+
+    trial = config["trial"]
+    sweep = config["sweep"]
+    fit_config = trial["config"]
+    spec = condconv.ModelSpec(**(get_dotted(fit_config, "model.model") or {}))
+    run_id = _get_or_create_child_run(
+        sweep["tracking_uri"], sweep["experiment_id"], sweep["parent_run_id"], trial["key"], spec.name,
+        {SWEEP_NAME_TAG: sweep["name"]},
+    )
+    set_dotted(fit_config, "mlflow.run_id", run_id)
+    res = sweep["resources"]
+    use_gpu = res["gpus_per_worker"] > 0
+    per_worker = {"CPU": res["cpus_per_worker"]}
+    if use_gpu:
+        per_worker["GPU"] = res["gpus_per_worker"]
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"fit_config": fit_config, "use_gpu": use_gpu},
+        scaling_config=ScalingConfig(num_workers=res["workers_per_trial"], use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(
+            # Deterministic name + storage: a restarted trial resumes this run's checkpoints.
+            name=f"{sweep['name']}-{trial['key']}",
+            storage_path=sweep["train_storage_path"],
+            failure_config=FailureConfig(max_failures=sweep["max_failures"]),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+# ----------------------------------------------------------------------------- the sweep
+def _init_ray(address: Optional[str], needed_cpus: float) -> bool:
+    """Join the cluster named by ``address``/``RAY_ADDRESS``, else start a local one. True if started here."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    # Logical CPUs: the trials' workers plus their small driver functions may exceed the cores of a
+    # laptop; Ray only uses the count for scheduling.
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed_cpus + 0.999)), include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def _check_cluster_resources(sweep: SweepConfig) -> None:
+    import ray
+
+    res = sweep.resources
+    have = ray.cluster_resources()
+    need_gpu = res.workers_per_trial * res.gpus_per_worker
+    if need_gpu > have.get("GPU", 0):
+        raise SweepError(
+            f"a trial needs {need_gpu:g} GPUs (resources.workers_per_trial={res.workers_per_trial} x "
+            f"gpus_per_worker={res.gpus_per_worker:g}) but the Ray cluster has {have.get('GPU', 0):g}"
+        )
+    need_cpu = res.workers_per_trial * res.cpus_per_worker + DRIVER_CPUS
+    if need_cpu > have.get("CPU", 0):
+        raise SweepError(
+            f"a trial needs {need_cpu:g} CPUs (workers_per_trial x cpus_per_worker + {DRIVER_CPUS}) but the "
+            f"Ray cluster has {have.get('CPU', 0):g}"
+        )
+
+
+def _parent_run(tracking_uri: str, sweep: SweepConfig, n_trials: int) -> tuple[str, str]:
+    """(experiment id, parent run id): reuse the sweep's parent run if this sweep ran before."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import ROLE_SWEEP, ROLE_TAG
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(sweep.experiment_name)
+    if experiment is None:
+        artifact_location = None
+        if tracking_uri.startswith("sqlite:") or _is_local_path(tracking_uri):
+            # Next to the store, not in whatever directory a Ray worker happens to run in.
+            artifact_location = Path(os.path.abspath("mlruns")).as_uri()
+        experiment_id = client.create_experiment(sweep.experiment_name, artifact_location=artifact_location)
+    else:
+        experiment_id = experiment.experiment_id
+    existing = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_SWEEP}' and tags.`{SWEEP_NAME_TAG}` = '{sweep.name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return experiment_id, run_id
+    run = client.create_run(experiment_id, run_name=sweep.name, tags={ROLE_TAG: ROLE_SWEEP, SWEEP_NAME_TAG: sweep.name})
+    run_id = run.info.run_id
+    client.log_text(run_id, sweep.source_text, "sweep.yaml")
+    client.log_param(run_id, "num_trials", n_trials)
+    client.log_param(run_id, "workers_per_trial", sweep.resources.workers_per_trial)
+    client.log_param(run_id, "storage_path", sweep.storage_path)
+    return experiment_id, run_id
+
+
+def _scheduler(sweep: SweepConfig, max_epochs: Optional[int]):
+    if sweep.scheduler.type == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    s = sweep.scheduler
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric=s.metric,
+        mode=s.mode,
+        grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor,
+        max_t=max_epochs or 100,
+    )
+
+
+def _storage(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def run_sweep(sweep: SweepConfig, address: Optional[str] = None, verbose: int = 1) -> SweepResult:
+    """Validate, then run (or resume) a sweep, and write its frontier. Raises `SweepError` on bad input."""
+    from pipeline.tracking import resolve_tracking_uri
+
+    trials = expand_trials(sweep)
+    tracking_uri = absolute_tracking_uri(resolve_tracking_uri(sweep.tracking_uri))
+    for trial in trials:
+        _absolutise(trial.config, tracking_uri, sweep.experiment_name)
+    validate_trials(trials)
+    print(f"sweep {sweep.name}: {len(trials)} trials x {sweep.resources.workers_per_trial} workers; "
+          f"MLflow {tracking_uri} experiment {sweep.experiment_name!r}", flush=True)
+
+    import ray
+    from ray import tune
+
+    res = sweep.resources
+    needed = res.max_concurrent_trials * (res.workers_per_trial * res.cpus_per_worker + DRIVER_CPUS)
+    started = _init_ray(address, needed)
+    try:
+        _check_cluster_resources(sweep)
+        experiment_id, parent_run_id = _parent_run(tracking_uri, sweep, len(trials))
+        storage = _storage(sweep.storage_path)
+        sweep_info = {
+            "name": sweep.name,
+            "tracking_uri": tracking_uri,
+            "experiment_id": experiment_id,
+            "parent_run_id": parent_run_id,
+            "resources": {
+                "workers_per_trial": res.workers_per_trial,
+                "cpus_per_worker": res.cpus_per_worker,
+                "gpus_per_worker": res.gpus_per_worker,
+            },
+            "train_storage_path": os.path.join(storage, sweep.name, "_train"),
+            "max_failures": sweep.max_failures,
+        }
+        trial_dicts = [{"key": t.key, "overrides": t.overrides, "config": t.config} for t in trials]
+        trainable = tune.with_resources(trial_driver, {"CPU": DRIVER_CPUS})
+        experiment_path = os.path.join(storage, sweep.name)
+        if tune.Tuner.can_restore(experiment_path):
+            print(f"sweep {sweep.name}: resuming from {experiment_path}", flush=True)
+            tuner = tune.Tuner.restore(
+                experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                param_space={"sweep": sweep_info, "trial": tune.grid_search(trial_dicts)},
+            )
+        else:
+            max_epochs = get_dotted(trials[0].config, "trainer.max_epochs")
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"sweep": sweep_info, "trial": tune.grid_search(trial_dicts)},
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=res.max_concurrent_trials, scheduler=_scheduler(sweep, max_epochs)
+                ),
+                run_config=tune.RunConfig(name=sweep.name, storage_path=storage, verbose=verbose),
+            )
+        results = tuner.fit()
+        outcomes = _outcomes(results, tracking_uri, experiment_id, parent_run_id)
+        result = SweepResult(sweep.name, parent_run_id, sweep.experiment_name, tracking_uri, outcomes)
+        _finish(result, sweep, storage)
+        return result
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _outcomes(results, tracking_uri: str, experiment_id: str, parent_run_id: str) -> list[TrialOutcome]:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import PARENT_RUN_TAG
+
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'")
+    run_by_key = {r.data.tags.get(TRIAL_KEY_TAG): r for r in runs}
+    outcomes = []
+    for r in results:
+        key = r.config["trial"]["key"]
+        run = run_by_key.get(key)
+        status = "ERROR" if r.error else "DONE"
+        outcomes.append(
+            TrialOutcome(
+                key=key,
+                status=status,
+                metrics={k: v for k, v in (r.metrics or {}).items() if isinstance(v, (int, float))},
+                run_id=run.info.run_id if run else None,
+                error=" ".join(str(r.error).split())[:300] if r.error else None,
+            )
+        )
+    return outcomes
+
+
+def format_outcomes(result: SweepResult) -> str:
+    """The compact end-of-sweep table: trial, status, epochs, val top-1, MADDs, params."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(result.tracking_uri)
+    lines = ["| trial | model | status | epochs | val top-1 (%) | MADDs (M) | params (M) |", "|---|---|---|---:|---:|---:|---:|"]
+    for t in result.trials:
+        run = client.get_run(t.run_id) if t.run_id else None
+        params = run.data.params if run else {}
+        top1 = t.metrics.get("val_top1")
+        lines.append(
+            f"| {t.key} | {run.info.run_name if run else '-'} | {t.status} | {t.metrics.get('epoch', -1) + 1:.0f} | "
+            f"{'-' if top1 is None else f'{100 * top1:.2f}'} | "
+            f"{float(params['madds']) / 1e6:.2f} | {float(params['params']) / 1e6:.3f} |"
+            if "madds" in params
+            else f"| {t.key} | - | {t.status} | - | - | - | - |"
+        )
+    return "\n".join(lines)
+
+
+def _finish(result: SweepResult, sweep: SweepConfig, storage: str) -> None:
+    """Frontier files on the parent run, the tables, and the parent run's final status."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.frontier import format_table, log_frontier_to_mlflow, points_from_mlflow, write_frontier
+
+    client = MlflowClient(result.tracking_uri)
+    points = points_from_mlflow(result.experiment_name, result.tracking_uri, result.parent_run_id, sweep.frontier_metric)
+    out_dir = Path(storage if "://" not in storage else "outputs/sweeps", sweep.name, "frontier")
+    if points:
+        result.frontier_paths = write_frontier(points, out_dir)
+        log_frontier_to_mlflow(result.frontier_paths, result.parent_run_id, result.tracking_uri)
+        result.frontier_table = format_table(points)
+    failed = [t for t in result.trials if t.status != "DONE"]
+    client.set_terminated(result.parent_run_id, status="FAILED" if failed else "FINISHED")
