@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Mapping, Sequence
@@ -41,6 +42,9 @@ KEY_PARAMS = "params"
 KEY_NAME = "model_name"
 
 FRONTIER_ARTIFACT_DIR = "frontier"
+DEFAULT_OUT_ROOT = Path("outputs/frontier")
+# Goes into an MLflow search filter: letters/digits only, so no quoting issues (ids are hex).
+_RUN_ID = re.compile(r"[A-Za-z0-9]+")
 CSV_COLUMNS = (
     "family", "name", "arch", "width_mult", "num_experts", "placement",
     "madds", "params", "accuracy", "on_front", "run_id",
@@ -169,7 +173,17 @@ def write_frontier_csv(points: Sequence[FrontierPoint], path: Path) -> Path:
     return path
 
 
-# Same colours in the PNG and the HTML: static grey-blue, CondConv orange.
+def metric_label(metric: str) -> str:
+    """Axis/table label of a metric name: ``val_top1`` -> ``val top-1 (%)``, ``map`` -> ``map (%)``."""
+    return re.sub(r"top(\d)", r"top-\1", metric).replace("_", " ") + " (%)"
+
+
+def safe_dirname(name: str) -> str:
+    """An experiment name as one folder name (``/`` and spaces become ``_``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "experiment"
+
+
+# Same colours in the PNG and the HTML: static blue, CondConv orange.
 _COLOURS: Mapping[Family, str] = {"static": "#1f77b4", "condconv": "#ff7f0e"}
 _LABELS: Mapping[Family, str] = {"static": "static", "condconv": "CondConv"}
 # Beyond this many points a label on every point is unreadable; label only the fronts.
@@ -212,10 +226,12 @@ def write_frontier_png(points: Sequence[FrontierPoint], path: Path, metric_name:
                         fontsize=7, color=_COLOURS[p.family])
     if _use_log_x(points):
         ax.set_xscale("log")
-        # Plain numbers ("300", "4000") on a log axis instead of "3x10^2".
-        plain = FuncFormatter(lambda v, _: f"{v:g}")
-        ax.xaxis.set_major_formatter(plain)
-        ax.xaxis.set_minor_formatter(plain)
+        # Plain numbers ("300", "4000") on a log axis instead of "3x10^2"; minor ticks labelled at
+        # 2, 3 and 5 x 10^k only, so neighbouring labels do not collide.
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(
+            lambda v, _: f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (2, 3, 5) else ""
+        ))
     ax.set_xlabel("MADDs per image (millions)")
     ax.set_ylabel(metric_name)
     ax.set_title(f"{metric_name} vs MADDs: static vs CondConv")
@@ -371,6 +387,8 @@ def read_mlflow_runs(
     (its last logged value) and the ``madds`` param/tag; runs without them are skipped and counted.
     ``scale`` multiplies the metric into percent; None: x100 if every value lies in [0, 1].
     """
+    if parent_run_id is not None and not _RUN_ID.fullmatch(parent_run_id):
+        raise ValueError(f"parent_run_id={parent_run_id!r}; expected an MLflow run id (letters and digits)")
     client = mlflow_client(tracking_uri)
     experiment_id = get_experiment_id(client, experiment)
     filters = ["attributes.status = 'FINISHED'"]
@@ -448,3 +466,30 @@ def log_frontier_to_mlflow(paths: Mapping[str, Path], run_id: str, tracking_uri:
         client.log_artifact(run_id, str(path), artifact_path=FRONTIER_ARTIFACT_DIR)
         logged.append(f"{FRONTIER_ARTIFACT_DIR}/{Path(path).name}")
     return logged
+
+
+def frontier_for_sweep(
+    experiment: str,
+    parent_run_id: str,
+    tracking_uri: str | None = None,
+    out_dir: str | Path | None = None,
+    metric: str = "val_top1",
+) -> dict[str, Path]:
+    """Read a sweep's finished trials, write the three frontier files and log them onto its parent run.
+
+    ``out_dir`` defaults to ``outputs/frontier/<experiment>``. Raises ValueError when no trial
+    has the metric yet.
+    """
+    read = read_mlflow_runs(experiment, tracking_uri, parent_run_id=parent_run_id, metric=metric)
+    if not read.points:
+        raise ValueError(
+            f"no finished runs with metric {metric!r} and a 'madds' param among the children of run "
+            f"{parent_run_id} in experiment {experiment!r}"
+        )
+    if read.skipped:
+        log.warning("%s", read.skip_summary())
+    out = Path(out_dir) if out_dir is not None else DEFAULT_OUT_ROOT / safe_dirname(experiment)
+    paths = write_frontier(read.points, out, metric_name=metric_label(metric))
+    log_frontier_to_mlflow(paths, parent_run_id, tracking_uri)
+    return paths
+

@@ -6,12 +6,10 @@ sweep's parent run (under ``frontier/``) and prints each family's front as a tab
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 from pipeline import frontier as fr
 
-DEFAULT_OUT_ROOT = Path("outputs/frontier")
 # Metrics whose EMA twin the trainer logs with this suffix (`val_top1` -> `val_top1_ema`).
 EMA_SUFFIX = "_ema"
 
@@ -40,20 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ema", action="store_true",
                    help=f"use the EMA weights' metric (METRIC{EMA_SUFFIX})")
     p.add_argument("--out", type=Path, default=None,
-                   help=f"output folder (default: {DEFAULT_OUT_ROOT}/<experiment>)")
+                   help=f"output folder (default: {fr.DEFAULT_OUT_ROOT}/<experiment>)")
     p.add_argument("--no-log", action="store_true", help="do not log the files onto the parent run")
     p.set_defaults(func=run_frontier)
-
-
-def _metric_label(metric: str) -> str:
-    # Axis/table label: "val_top1" -> "val top-1 (%)", "map" -> "map (%)".
-    label = re.sub(r"top(\d)", r"top-\1", metric).replace("_", " ")
-    return f"{label} (%)"
-
-
-def _safe_dirname(name: str) -> str:
-    # Experiment names may contain "/" or spaces; keep the output path one folder deep.
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "experiment"
 
 
 def run_frontier(args: argparse.Namespace) -> int:
@@ -86,8 +73,8 @@ def run_frontier(args: argparse.Namespace) -> int:
             f"{args.experiment!r} ({scope})"
         )
 
-    label = _metric_label(metric)
-    out_dir = args.out or DEFAULT_OUT_ROOT / _safe_dirname(args.experiment)
+    label = fr.metric_label(metric)
+    out_dir = args.out or fr.DEFAULT_OUT_ROOT / fr.safe_dirname(args.experiment)
     paths = fr.write_frontier(read.points, out_dir, metric_name=label)
     print(f"{len(read.points)} runs ({scope}), metric {metric!r}")
     print(fr.format_table(read.points, metric_name=label))

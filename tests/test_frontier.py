@@ -9,6 +9,7 @@ import pytest
 from pipeline.frontier import (
     FrontierPoint,
     format_table,
+    frontier_for_sweep,
     frontiers,
     log_frontier_to_mlflow,
     on_front_mask,
@@ -241,6 +242,11 @@ def test_unknown_experiment_lists_existing(store):
         points_from_mlflow("nope", store["uri"])
 
 
+def test_bad_parent_run_id_rejected(store):
+    with pytest.raises(ValueError, match=r"parent_run_id=\"x' or 1=1\""):
+        read_mlflow_runs("sweep-exp", store["uri"], parent_run_id="x' or 1=1")
+
+
 def _artifacts(client, run_id: str) -> set[str]:
     return {a.path for a in client.list_artifacts(run_id, "frontier")}
 
@@ -251,6 +257,16 @@ def test_log_frontier_to_mlflow(store, tmp_path, sweep_points):
     expected = {"frontier/frontier.png", "frontier/frontier.html", "frontier/frontier.csv"}
     assert set(logged) == expected
     assert _artifacts(store["client"], store["old_parent"]) == expected
+
+
+def test_frontier_for_sweep(store, tmp_path):
+    """What the sweep calls at its end: read its children, write, log onto the parent."""
+    paths = frontier_for_sweep("sweep-exp", store["old_parent"], store["uri"], out_dir=tmp_path / "old")
+    rows = list(csv.DictReader(open(paths["csv"])))
+    assert [r["name"] for r in rows] == ["old-trial"] and rows[0]["on_front"] == "1"
+    assert {"frontier/frontier.csv"} <= _artifacts(store["client"], store["old_parent"])
+    with pytest.raises(ValueError, match="no finished runs with metric 'map'"):
+        frontier_for_sweep("sweep-exp", store["old_parent"], store["uri"], out_dir=tmp_path, metric="map")
 
 
 def test_cli_end_to_end_logs_on_latest_sweep(store, tmp_path, capsys):
