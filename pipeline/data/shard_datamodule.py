@@ -241,7 +241,8 @@ class ShardDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes per rank.
         image_size: side of the square crops fed to the model.
         val_resize: shorter side before the val center crop; default `floor(image_size / 0.875)`.
-        train_augment: `standard` (RandomResizedCrop + flip), `none`, `randaugment` or `autoaugment`.
+        train_augment: `standard` (RandomResizedCrop + flip), `randaugment`, `autoaugment` (both on
+            top of `standard`), or `none` (the val transform: resize + center crop).
         shuffle_buffer: samples held in the train shuffle buffer per worker (0: no sample shuffle).
         seed: seed of the shard and sample shuffles (epoch-dependent, identical on every run).
     """
@@ -333,7 +334,7 @@ class ShardDataModule(L.LightningDataModule):
         if split == "train":
             return _ShardStream(
                 urls, sizes, train=True, rank=rank, world_size=world_size, batch_size=self.batch_size,
-                transform=train_transform(self.image_size, self.train_augment), skip_counter=self._skip_counter,
+                transform=train_transform(self.image_size, self.train_augment, self.val_resize), skip_counter=self._skip_counter,
                 seed=self.seed, shuffle_buffer=self.shuffle_buffer,
                 num_batches=train_batches_per_rank(info.num_samples, self.batch_size, world_size),
                 num_workers=self.num_workers,
@@ -344,8 +345,17 @@ class ShardDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
         )  # fmt: skip
 
-    def _loader(self, split: str) -> DataLoader:
-        rank, world_size = self._rank_and_world_size()
+    def dataloader(self, split: str, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """The loader of `split` ("train" or "val") for an explicit rank and world size.
+
+        `train_dataloader`/`val_dataloader` call this with the Trainer's rank and world size; call it
+        directly to feed a loop of your own. Without a Trainer, each `iter()` of the train loader
+        counts as a new epoch for the shuffles.
+        """
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         return _EpochDataLoader(
             self._stream(split, rank, world_size),
             epoch_fn=self._current_epoch,
@@ -355,12 +365,12 @@ class ShardDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Train batches: the same count on every rank, `max(1, num_train // (world_size * batch_size))`."""
-        return self._loader("train")
+        return self.dataloader("train", *self._rank_and_world_size())
 
     def val_dataloader(self) -> DataLoader:
         """Val batches: every val sample exactly once across all ranks and workers."""
-        return self._loader("val")
+        return self.dataloader("val", *self._rank_and_world_size())
 
     def test_dataloader(self) -> DataLoader:
         """The val split (ImageNet-style data has no labelled test split)."""
-        return self._loader("val")
+        return self.dataloader("val", *self._rank_and_world_size())

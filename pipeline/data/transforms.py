@@ -18,25 +18,23 @@ def default_val_resize(image_size: int) -> int:
     return int(math.floor(image_size / 0.875))
 
 
-def train_transform(image_size: int, augment: str = "standard") -> v2.Compose:
+def train_transform(image_size: int, augment: str = "standard", val_resize: int | None = None) -> v2.Compose:
     """Training transform.
 
     `standard`: RandomResizedCrop + horizontal flip; `randaugment` / `autoaugment` add RandAugment /
-    AutoAugment (ImageNet policy) after them, as in the CondConv/EfficientNet recipes; `none`: a
-    deterministic resize + center crop (for debugging and overfitting checks).
+    AutoAugment (ImageNet policy) after them, as in the CondConv/EfficientNet recipes; `none`: the
+    val transform (resize to `val_resize` + center crop), so train and val images are framed alike.
     """
     if augment not in TRAIN_AUGMENTS:
         raise ValueError(f"train_augment must be one of {list(TRAIN_AUGMENTS)}, got {augment!r}")
-    # uint8 tensors first: the geometric and policy ops are fastest (and exact) on uint8.
-    ops: list[v2.Transform] = [v2.ToImage()]
     if augment == "none":
-        ops += [v2.Resize(default_val_resize(image_size), antialias=True), v2.CenterCrop(image_size)]
-    else:
-        ops += [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
-        if augment == "randaugment":
-            ops.append(v2.RandAugment())
-        elif augment == "autoaugment":
-            ops.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
+        return val_transform(image_size, val_resize)
+    # uint8 tensors first: the geometric and policy ops are fastest (and exact) on uint8.
+    ops: list[v2.Transform] = [v2.ToImage(), v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+    if augment == "randaugment":
+        ops.append(v2.RandAugment())
+    elif augment == "autoaugment":
+        ops.append(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET))
     ops += _to_normalized_tensor()
     return v2.Compose(ops)
 
