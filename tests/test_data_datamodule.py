@@ -165,3 +165,26 @@ def test_missing_manifest_and_bad_arguments(tmp_path, shards):
 def test_train_augments_give_normalised_crops(augment):
     out = train_transform(16, augment)(noise_image(np.random.default_rng(0), 30, 20))
     assert out.shape == (3, 16, 16) and out.dtype == torch.float32 and type(out) is torch.Tensor
+
+
+@pytest.mark.timeout(120)
+def test_unreadable_train_shards_raise_instead_of_spinning(tmp_path, shards):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text((shards / "manifest.json").read_text())  # shards absent here
+    with pytest.raises(RuntimeError, match="no sample could be read from the shards"):
+        next(iter(_dm(broken).train_dataloader()))
+
+
+@pytest.mark.timeout(120)
+def test_train_stream_of_only_undecodable_samples_raises(tmp_path, monkeypatch):
+    import pipeline.data.shard_datamodule as sdm
+
+    monkeypatch.setattr(sdm, "_MAX_LEADING_FAILURES", 5)  # instead of reading 1000 broken samples
+    good = encode(noise_image(np.random.default_rng(0), 40, 40), "JPEG")
+    for split in ("train", "val"):
+        (tmp_path / "src" / split / "a").mkdir(parents=True)
+        (tmp_path / "src" / split / "a" / "x.jpg").write_bytes(good[: len(good) // 2])  # header fine, body cut
+    convert_imagenet_to_wds(tmp_path / "src", tmp_path / "wds", progress=False)
+    with pytest.raises(RuntimeError, match="were all undecodable"):
+        next(iter(_dm(tmp_path / "wds", batch_size=1).train_dataloader()))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
@@ -35,8 +36,14 @@ __all__ = ["ShardDataModule", "train_batches_per_rank"]
 
 log = logging.getLogger(__name__)
 
+# Lightning warns that an IterableDataset's `__len__` "could be inaccurate" with several workers.
+# Ours is exact by construction (each worker yields a fixed share), so the warning only misleads.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+
 # Per-process cap on "skipped sample" warnings: the count stays exact, the log stays readable.
 _MAX_SKIP_WARNINGS = 20
+# The endless train stream gives up when this many samples in a row (and none before) fail to decode.
+_MAX_LEADING_FAILURES = 1000
 
 
 def train_batches_per_rank(num_train: int, batch_size: int, world_size: int) -> int:
@@ -99,6 +106,7 @@ class _ShardStream(IterableDataset):
         self.num_workers = num_workers  # of the DataLoader that will run this stream (for __len__)
         self.epoch = 0
         self._skip_warnings = 0
+        self._samples_read = 0  # raw samples out of the tar files, in this worker
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch used to seed the shard and sample shuffles (call before the workers start)."""
@@ -116,8 +124,17 @@ class _ShardStream(IterableDataset):
             else:
                 start = slot % n  # too few shards to share out: all read all, from different starts
                 mine = order[start:] + order[:start]
+            read_before = self._samples_read
             for url in mine:
                 yield {"url": url}
+            if self._samples_read == read_before:
+                # Otherwise an endless stream over unreadable shards would spin forever.
+                raise RuntimeError(f"no sample could be read from the shards {mine} (see the warnings above)")
+
+    def _count_read(self, samples: Iterator[dict]) -> Iterator[dict]:
+        for sample in samples:
+            self._samples_read += 1
+            yield sample
 
     def _worker_batches(self, worker: int, num_workers: int) -> int:
         # The DataLoader interleaves workers, so the rank's total is exactly the sum of these.
@@ -159,6 +176,7 @@ class _ShardStream(IterableDataset):
     # -- shared ---------------------------------------------------------------------------------
 
     def _decode(self, samples: Iterator[dict]) -> Iterator[tuple[torch.Tensor, int]]:
+        decoded = failed = 0
         for sample in samples:
             try:
                 ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
@@ -172,7 +190,11 @@ class _ShardStream(IterableDataset):
                 if self._skip_warnings <= _MAX_SKIP_WARNINGS:
                     suffix = " (further skips are counted, not logged)" if self._skip_warnings == _MAX_SKIP_WARNINGS else ""
                     log.warning("skipping sample %s from %s: %s%s", sample.get("__key__"), sample.get("__url__"), err, suffix)
+                failed += 1
+                if self.train and not decoded and failed >= _MAX_LEADING_FAILURES:
+                    raise RuntimeError(f"the first {failed} train samples read were all undecodable; are these image shards?")
                 continue
+            decoded += 1
             yield self.transform(image), label
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -183,6 +205,7 @@ class _ShardStream(IterableDataset):
             stages: list[Any] = [
                 lambda: self._train_shards(worker, num_workers),
                 wds.tarfile_to_samples(handler=_log_and_continue),
+                self._count_read,
                 wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=_seed(self.seed, self.epoch, "samples", self.rank, worker)),
             ]
         else:
