@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -109,7 +109,9 @@ def validate_trials(trials: list[Trial]) -> None:
     kwargs = _cli_kwargs(ClassificationModule, _default_datamodule_class())
     for trial in trials:
         try:
-            _ParseOnly(args=trial.config, run=False, build_trainer=False, **kwargs)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter.*")
+                _ParseOnly(args={**trial.config, "seed_everything": False}, run=False, build_trainer=False, **kwargs)
             spec_fields = get_dotted(trial.config, "model.model") or {}
             resolve_positions(condconv.ModelSpec(**spec_fields))
         except (argparse.ArgumentError, ConfigError, ValueError, TypeError) as err:
@@ -133,8 +135,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from pipeline.lightning_cli import build_fit
 
     use_gpu = loop_config["use_gpu"]
+    fit_config = dict(loop_config["fit_config"])
+    # RayTrainReportCallback checkpoints every epoch into Ray's storage; no second checkpointer.
+    set_dotted(fit_config, "trainer.enable_checkpointing", False)
     parts = build_fit(
-        loop_config["fit_config"],
+        fit_config,
         extra_callbacks=[RayTrainReportCallback()],
         strategy=RayDDPStrategy(),
         plugins=[RayLightningEnvironment()],
@@ -142,7 +147,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             "accelerator": "gpu" if use_gpu else "cpu",
             "devices": "auto",
             "enable_progress_bar": False,
-            "enable_checkpointing": False,  # RayTrainReportCallback checkpoints every epoch
         },
     )
     trainer = prepare_trainer(parts.make_trainer())

@@ -273,9 +273,16 @@ def _short_value(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.:-]", "", text)[:24]
 
 
+_KEY_PREFIX = {"arch": "", "width_mult": "w", "depth_mult": "d", "num_experts": "e", "placement": "p", "routing": "r"}
+
+
 def trial_key(overrides: Mapping[str, Any]) -> str:
     """A stable, readable key of one grid point (used as Ray Train run name and MLflow tag)."""
-    parts = [f"{k.split('.')[-1]}={_short_value(v)}" for k, v in sorted(overrides.items())]
+    parts = []
+    for k, v in sorted(overrides.items(), key=lambda kv: (kv[0].split(".")[-1] != "arch", kv[0])):
+        last = k.split(".")[-1]
+        prefix = _KEY_PREFIX.get(last, f"{last}=") if k.startswith("model.model.") else f"{last}="
+        parts.append(f"{prefix}{_short_value(v)}")
     digest = hashlib.sha1(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:6]
     return ("_".join(parts)[:80] + "_" + digest).replace(":", "")
 
