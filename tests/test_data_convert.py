@@ -96,8 +96,9 @@ def test_round_trip_is_exact_and_manifest_matches(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "wds"
     files = make_image_folder(src, n_train=7, n_val=3)
     # Awkward names: dots in the stem (webdataset splits keys at the first dot) and a subfolder.
-    files["train/dog/img.v2.final.jpg"] = write_image(src / "train/dog/img.v2.final.jpg", noise_image(np.random.default_rng(1), 9, 9))
-    files["train/dog/sub/deep.png"] = write_image(src / "train/dog/sub/deep.png", noise_image(np.random.default_rng(2), 5, 6))
+    rng = np.random.default_rng(1)
+    for rel in ("train/dog/img.v2.final.jpg", "train/dog/sub/deep.png"):
+        files[rel] = write_image(src / rel, noise_image(rng, 9, 6))
     (src / "train/cat/.DS_Store").write_bytes(b"hidden files are not data")
 
     manifest = convert_imagenet_to_wds(src, dst, shard_size=4, progress=False)
@@ -123,7 +124,8 @@ def test_round_trip_is_exact_and_manifest_matches(tmp_path):
         assert set(got) == want  # every image exactly once, bytes identical, right label
         counts = [sum(1 for rel in expected if rel.split("/")[1] == c) for c in manifest.classes]
         assert info.class_counts == counts
-        assert info.image_formats == {"jpg": sum(r.lower().endswith(("jpg", "jpeg")) for r in expected), "png": sum(r.endswith("png") for r in expected)}
+        n_jpg = sum(r.lower().endswith(("jpg", "jpeg")) for r in expected)
+        assert info.image_formats == {"jpg": n_jpg, "png": len(expected) - n_jpg}
         for shard in info.shards:
             assert shard.size == (dst / shard.name).stat().st_size
             assert shard.sha256 == file_sha256(dst / shard.name)
@@ -224,7 +226,8 @@ def test_empty_class_folder_and_bad_options_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"class folders with no files: b"):
         scan_image_folder(src)
     (src / "train/b/y.png").write_bytes((src / "train/a/x.png").read_bytes())
-    for kwargs, message in (({"shard_size": 0}, "shard_size"), ({"workers": 0}, "workers"), ({"max_side": 2}, "max_side")):
+    for kwargs in ({"shard_size": 0}, {"workers": 0}, {"max_side": 2}):
+        (message,) = kwargs
         with pytest.raises(ValueError, match=message):
             convert_imagenet_to_wds(src, tmp_path / "wds", progress=False, **kwargs)
 

@@ -236,7 +236,9 @@ def _check_destination(dst: Path, overwrite: bool) -> None:
             e.name for e in os.scandir(dst) if e.name == MANIFEST_NAME or re.fullmatch(r"(train|val)-\d+\.tar", e.name)
         )
         if existing:
-            raise ValueError(f"destination {dst} already holds shards ({_listing(existing, 3)}); pass --overwrite to replace them")
+            raise ValueError(
+                f"destination {dst} already holds shards ({_listing(existing, 3)}); pass --overwrite to replace them"
+            )
 
 
 def convert_imagenet_to_wds(
@@ -301,7 +303,10 @@ def convert_imagenet_to_wds(
                 results[path] = _write_shard(path, shard_items, max_side, on_item=lambda: bar.update(1))
         else:
             with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
-                futures = {pool.submit(_write_shard, path, shard_items, max_side): (path, len(shard_items)) for _, path, shard_items in tasks}
+                futures = {
+                    pool.submit(_write_shard, path, shard_items, max_side): (path, len(shard_items))
+                    for _, path, shard_items in tasks
+                }
                 for future in as_completed(futures):
                     path, n = futures[future]
                     results[path] = future.result()
@@ -329,7 +334,9 @@ def convert_imagenet_to_wds(
         )
     empty = [split for split, info in splits.items() if info.num_samples == 0]
     if empty:
-        raise ValueError(f"every file of split(s) {', '.join(empty)} in {src} was unreadable; nothing to train or validate on")
+        raise ValueError(
+            f"every file of split(s) {', '.join(empty)} in {src} was unreadable; nothing to train or validate on"
+        )
     manifest = Manifest(
         classes=classes,
         splits=splits,

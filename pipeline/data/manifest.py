@@ -115,7 +115,9 @@ class Manifest:
         out["num_classes"] = self.num_classes
         out["image_formats"] = self.image_formats
         # Put the small, human-read fields first and the long shard lists last.
-        order = ["format", "num_classes", "classes", "image_formats", "source", "max_side", "shard_size", "seed", "splits"]
+        order = [
+            "format", "num_classes", "classes", "image_formats", "source", "max_side", "shard_size", "seed", "splits",
+        ]  # fmt: skip
         return {k: out[k] for k in order}
 
     @classmethod

@@ -144,10 +144,12 @@ class _ShardStream(IterableDataset):
     # -- val: exactly-once assignment of samples to (rank, worker) ------------------------------
 
     def _val_assignment(self) -> list[tuple[str, int | None]]:
-        """This rank's shards: `(url, None)` = read it all, `(url, j)` = keep positions p with (p + j) % world == rank."""
+        """This rank's shards: `(url, None)`: read it all; `(url, j)`: keep positions p with (p + j) % world == rank."""
         n, world = len(self.urls), self.world_size
         whole = n - n % world
-        out: list[tuple[str, int | None]] = [(u, None) for j, u in enumerate(self.urls[:whole]) if j % world == self.rank]
+        out: list[tuple[str, int | None]] = [
+            (u, None) for j, u in enumerate(self.urls[:whole]) if j % world == self.rank
+        ]
         out += [(u, j) for j, u in enumerate(self.urls[whole:], start=whole)]
         return out
 
@@ -181,18 +183,24 @@ class _ShardStream(IterableDataset):
             try:
                 ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
                 if ext is None:
-                    raise ImageDecodeError(f"no image (expected one of {', '.join(IMAGE_EXTENSIONS)}), has {sorted(sample)}")
+                    expected = ", ".join(IMAGE_EXTENSIONS)
+                    raise ImageDecodeError(f"no image (expected one of {expected}), has {sorted(sample)}")
                 label = int(sample["cls"])
                 image = decode_image(sample[ext])
             except (ImageDecodeError, KeyError, ValueError) as err:
                 self.skip_counter.increment()
                 self._skip_warnings += 1
                 if self._skip_warnings <= _MAX_SKIP_WARNINGS:
-                    suffix = " (further skips are counted, not logged)" if self._skip_warnings == _MAX_SKIP_WARNINGS else ""
-                    log.warning("skipping sample %s from %s: %s%s", sample.get("__key__"), sample.get("__url__"), err, suffix)
+                    last = self._skip_warnings == _MAX_SKIP_WARNINGS
+                    log.warning(
+                        "skipping sample %s from %s: %s%s", sample.get("__key__"), sample.get("__url__"), err,
+                        " (further skips are counted, not logged)" if last else "",
+                    )  # fmt: skip
                 failed += 1
                 if self.train and not decoded and failed >= _MAX_LEADING_FAILURES:
-                    raise RuntimeError(f"the first {failed} train samples read were all undecodable; are these image shards?")
+                    raise RuntimeError(
+                        f"the first {failed} train samples read were all undecodable; are these image shards?"
+                    )
                 continue
             decoded += 1
             yield self.transform(image), label
@@ -206,7 +214,11 @@ class _ShardStream(IterableDataset):
                 lambda: self._train_shards(worker, num_workers),
                 wds.tarfile_to_samples(handler=_log_and_continue),
                 self._count_read,
-                wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=_seed(self.seed, self.epoch, "samples", self.rank, worker)),
+                wds.shuffle(
+                    self.shuffle_buffer,
+                    initial=self.shuffle_buffer,
+                    rng=_seed(self.seed, self.epoch, "samples", self.rank, worker),
+                ),
             ]
         else:
             mine = self._val_assignment()[worker::num_workers]
@@ -357,7 +369,8 @@ class ShardDataModule(L.LightningDataModule):
         if split == "train":
             return _ShardStream(
                 urls, sizes, train=True, rank=rank, world_size=world_size, batch_size=self.batch_size,
-                transform=train_transform(self.image_size, self.train_augment, self.val_resize), skip_counter=self._skip_counter,
+                transform=train_transform(self.image_size, self.train_augment, self.val_resize),
+                skip_counter=self._skip_counter,
                 seed=self.seed, shuffle_buffer=self.shuffle_buffer,
                 num_batches=train_batches_per_rank(info.num_samples, self.batch_size, world_size),
                 num_workers=self.num_workers,
