@@ -28,6 +28,7 @@ __all__ = [
     "SweepResult",
     "TrialOutcome",
     "validate_trials",
+    "prepare_trials",
     "run_sweep",
     "trial_driver",
     "train_loop",
@@ -320,15 +321,27 @@ def _storage(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def run_sweep(sweep: SweepConfig, address: Optional[str] = None, verbose: int = 1) -> SweepResult:
-    """Validate, then run (or resume) a sweep, and write its frontier. Raises `SweepError` on bad input."""
+def sweep_tracking_uri(sweep: SweepConfig) -> str:
+    """The sweep's MLflow tracking URI (config, else $MLFLOW_TRACKING_URI, else ./mlflow.db), absolute."""
     from pipeline.tracking import resolve_tracking_uri
 
+    return absolute_tracking_uri(resolve_tracking_uri(sweep.tracking_uri))
+
+
+def prepare_trials(sweep: SweepConfig) -> list[Trial]:
+    """Expand the grid, make paths absolute and validate every trial config (no Ray needed)."""
     trials = expand_trials(sweep)
-    tracking_uri = absolute_tracking_uri(resolve_tracking_uri(sweep.tracking_uri))
+    tracking_uri = sweep_tracking_uri(sweep)
     for trial in trials:
         _absolutise(trial.config, tracking_uri, sweep.experiment_name)
     validate_trials(trials)
+    return trials
+
+
+def run_sweep(sweep: SweepConfig, address: Optional[str] = None, verbose: int = 1) -> SweepResult:
+    """Validate, then run (or resume) a sweep, and write its frontier. Raises `SweepError` on bad input."""
+    trials = prepare_trials(sweep)
+    tracking_uri = sweep_tracking_uri(sweep)
     print(f"sweep {sweep.name}: {len(trials)} trials x {sweep.resources.workers_per_trial} workers; "
           f"MLflow {tracking_uri} experiment {sweep.experiment_name!r}", flush=True)
 

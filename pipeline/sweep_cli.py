@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 __all__ = ["register", "mlflow_ui_command"]
 
@@ -13,31 +14,30 @@ def mlflow_ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
 
 
-def _run(args: argparse.Namespace) -> int:
-    from pipeline.sweep_config import expand_trials, load_sweep
+def main_sweep(
+    file: str, name: Optional[str] = None, storage_path: Optional[str] = None, address: Optional[str] = None,
+    verbose: int = 1, dry_run: bool = False,
+) -> int:
+    """Run (or resume, or with ``dry_run`` only validate) a sweep file and print its results."""
+    from pipeline.sweep import absolute_tracking_uri, format_outcomes, prepare_trials, run_sweep
+    from pipeline.sweep_config import load_sweep
 
-    sweep = load_sweep(args.file, name=args.name)
-    if args.dry_run:
-        from pipeline.sweep import _absolutise, absolute_tracking_uri, validate_trials
-        from pipeline.tracking import resolve_tracking_uri
-
-        trials = expand_trials(sweep)
-        uri = absolute_tracking_uri(resolve_tracking_uri(sweep.tracking_uri))
-        for t in trials:
-            _absolutise(t.config, uri, sweep.experiment_name)
-        validate_trials(trials)
+    sweep = load_sweep(file, name=name)
+    if storage_path:
+        sweep.storage_path = storage_path
+    if dry_run:
+        trials = prepare_trials(sweep)
         print(f"sweep {sweep.name}: {len(trials)} valid trials")
         for t in trials:
             print(f"  {t.key}: {t.overrides}")
         return 0
 
-    from pipeline.sweep import format_outcomes, run_sweep
-
-    result = run_sweep(sweep, address=args.address, verbose=args.verbose)
+    result = run_sweep(sweep, address=address, verbose=verbose)
     print(f"\nTrials of sweep {result.name} (MLflow parent run {result.parent_run_id}):\n")
     print(format_outcomes(result))
     if result.frontier_table:
-        print(f"\nAccuracy-vs-MADD frontier:\n\n{result.frontier_table}\n")
+        print(f"\nAccuracy-vs-MADD frontier (val top-1; static = width scaling, condconv = experts):\n")
+        print(result.frontier_table + "\n")
         for kind, path in result.frontier_paths.items():
             print(f"frontier {kind}: {path}")
     print(f"\nMLflow UI: {mlflow_ui_command(result.tracking_uri)}")
@@ -46,6 +46,10 @@ def _run(args: argparse.Namespace) -> int:
     for t in failed:
         print(f"trial {t.key} failed: {t.error}")
     return 1 if failed else 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    return main_sweep(args.file, args.name, args.storage_path, args.address, args.verbose, args.dry_run)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,7 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("file", help="sweep YAML (see tasks/sweeps/)")
     p.add_argument("--name", help="override the sweep's name (a new name starts a new sweep)")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local cluster)")
+    p.add_argument(
+        "--storage-path", help="override the sweep's storage_path (Ray results/checkpoints: a path, s3://, gs://)"
+    )
+    p.add_argument("--address", help="Ray cluster address; 'auto' joins the cluster running on this machine "
+        "(default: $RAY_ADDRESS, else a new local cluster)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the trials, run nothing")
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2], help="Tune's progress output (default 1)")
     p.set_defaults(func=_run)
