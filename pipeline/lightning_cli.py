@@ -1,0 +1,317 @@
+"""`condconv fit|validate|test`: LightningCLI with this project's defaults, and `build_fit` for the sweep.
+
+A config has the top-level blocks ``model`` (ClassificationModule: ``model`` = the ModelSpec,
+``recipe``, ``ema_decay`` ...), ``data`` (ShardDataModule), ``trainer`` (lightning.Trainer),
+``mlflow`` (pipeline.tracking.TrackingConfig), ``checkpoint`` (pipeline.checkpoint.RunCheckpoint)
+and ``seed_everything``; ``fit`` also takes ``ckpt_path`` to resume. Conventions applied on top of
+what the config says (see `trainer_kwargs_with_conventions`):
+
+- ``trainer.logger`` left null: an MLflow logger from the ``mlflow`` block, run name = spec name;
+- ``checkpoint.dirpath`` left null: ``outputs/checkpoints/<run name>``;
+- checkpoints are written atomically (`AtomicCheckpointIO`);
+- the resolved config is uploaded to the MLflow run as ``config.yaml``.
+
+`run_lightning_cli(argv)` is what ``condconv fit ...`` runs; `build_fit(config)` builds the same
+(module, data module, trainer kwargs) from a config dict, for other entry points (Ray Train).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.plugins.io import CheckpointIO
+
+from pipeline.checkpoint import AtomicCheckpointIO, RunCheckpoint, default_checkpoint_dir
+from pipeline.classification import ClassificationModule, DataMismatchError
+from pipeline.tracking import TrackingConfig, make_logger
+
+__all__ = [
+    "CondConvCLI",
+    "MlflowConfigArtifact",
+    "FitParts",
+    "build_fit",
+    "load_config",
+    "run_lightning_cli",
+    "trainer_kwargs_with_conventions",
+]
+
+DEFAULT_SEED = 0  # runs are reproducible unless --seed_everything says otherwise
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid (reported as one line, exit code 2)."""
+
+
+class MlflowConfigArtifact(SaveConfigCallback):
+    """Upload the resolved config of a run to its MLflow run as ``config.yaml`` (rank 0).
+
+    Replaces Lightning's default of writing ``config.yaml`` to ``trainer.log_dir``, which for an
+    MLflow logger with a database store is the working directory (and clashes between runs).
+    """
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Dump the config and log it as an artifact of every MLflow logger's run."""
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
+        if not loggers:
+            return
+        text = self.parser.dump(self.config, skip_none=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp, self.config_filename)
+            path.write_text(text)
+            for lg in loggers:
+                lg.experiment.log_artifact(lg.run_id, str(path))
+
+
+def _default_run_name(module: pl.LightningModule) -> str:
+    return str(getattr(module, "run_name", None) or type(module).__name__)
+
+
+def trainer_kwargs_with_conventions(
+    trainer_config: Mapping[str, Any],
+    module: pl.LightningModule,
+    tracking: TrackingConfig,
+    callbacks: Sequence[Callback] = (),
+) -> dict[str, Any]:
+    """Trainer kwargs from the ``trainer`` block plus this project's defaults.
+
+    ``trainer.logger`` null or true -> the MLflow logger of ``tracking`` (run name = module's
+    ``run_name``); ``callbacks`` (the configured ``checkpoint`` callback among them) are appended to
+    ``trainer.callbacks``; a RunCheckpoint without ``dirpath`` gets ``outputs/checkpoints/<run name>``
+    (and is dropped when ``trainer.enable_checkpointing`` is false); `AtomicCheckpointIO` is added
+    unless a CheckpointIO plugin is configured.
+    """
+    kwargs = dict(trainer_config)
+    run_name = tracking.run_name or _default_run_name(module)
+    if kwargs.get("logger") in (None, True):
+        kwargs["logger"] = make_logger(tracking, run_name)
+
+    all_callbacks = list(kwargs.get("callbacks") or [])
+    for cb in callbacks:
+        if isinstance(cb, RunCheckpoint):
+            if kwargs.get("enable_checkpointing") is False:
+                continue
+            if cb.dirpath is None:
+                cb.dirpath = os.path.realpath(default_checkpoint_dir(run_name))
+        all_callbacks.append(cb)
+    kwargs["callbacks"] = all_callbacks
+
+    plugins = kwargs.get("plugins") or []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    kwargs["plugins"] = plugins
+    return kwargs
+
+
+class CondConvCLI(LightningCLI):
+    """LightningCLI with the ``mlflow`` and ``checkpoint`` blocks and the conventions above.
+
+    ``build_trainer=False`` stops after computing the trainer kwargs (``self.trainer_kwargs``),
+    for callers that make their own Trainer (see `build_fit`).
+    """
+
+    def __init__(self, *args: Any, build_trainer: bool = True, **kwargs: Any) -> None:
+        self.build_trainer = build_trainer
+        self.trainer_kwargs: dict[str, Any] = {}
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Add the ``mlflow`` (TrackingConfig) and ``checkpoint`` (RunCheckpoint) blocks and ``num_threads``."""
+        parser.add_class_arguments(TrackingConfig, "mlflow")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.add_argument(
+            "--num_threads", type=Optional[int], default=None,
+            help="torch intra-op CPU threads of this process (null: torch's default). 1 avoids "
+                 "oversubscribing a small CPU that is shared with data workers or other jobs.")
+
+    def before_instantiate_classes(self) -> None:
+        """Apply ``num_threads`` before any model is built."""
+        num_threads = self._get(self.config, "num_threads")
+        if num_threads is not None:
+            if num_threads < 1:
+                raise ConfigError(f"num_threads={num_threads!r}; expected an int >= 1 or null")
+            torch.set_num_threads(num_threads)
+
+    def instantiate_classes(self) -> None:
+        """Instantiate module, data module and trainer; invalid values become a `ConfigError`."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            if isinstance(err, DataMismatchError):
+                raise
+            raise ConfigError(str(err)) from err
+
+    def instantiate_trainer(self, **kwargs: Any) -> Optional[pl.Trainer]:
+        """Build the Trainer from the ``trainer`` block plus `trainer_kwargs_with_conventions`."""
+        parser = self._parser(self.subcommand)
+        callbacks = [self._get(self.config_init, key) for key in parser.callback_keys]
+        tracking = self._get(self.config_init, "mlflow") or TrackingConfig()
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        trainer_kwargs = trainer_kwargs_with_conventions(trainer_config, self.model, tracking, callbacks)
+        if not trainer_kwargs.get("fast_dev_run", False):
+            config = self.config.get(str(self.subcommand), self.config)
+            trainer_kwargs["callbacks"].append(
+                MlflowConfigArtifact(parser, config, save_to_log_dir=False, overwrite=True))
+        self.trainer_kwargs = trainer_kwargs
+        if not self.build_trainer:
+            return None
+        return self.trainer_class(**trainer_kwargs)
+
+
+def _cli_kwargs(model_class: type, datamodule_class: type) -> dict[str, Any]:
+    # Errors raise (argparse.ArgumentError) instead of printing usage and exiting: the caller
+    # reports them as one line.
+    parser_kwargs = {"exit_on_error": False}
+    return dict(
+        model_class=model_class,
+        datamodule_class=datamodule_class,
+        save_config_callback=None,  # CondConvCLI adds MlflowConfigArtifact itself
+        seed_everything_default=DEFAULT_SEED,
+        auto_configure_optimizers=False,  # the module's recipe is the one optimizer path
+        parser_kwargs={**parser_kwargs, **{sub: dict(parser_kwargs) for sub in ("fit", "validate", "test")}},
+    )
+
+
+def _default_datamodule_class() -> type:
+    from pipeline.data import ShardDataModule
+
+    return ShardDataModule
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def run_lightning_cli(
+    argv: Sequence[str],
+    *,
+    model_class: type = ClassificationModule,
+    datamodule_class: Optional[type] = None,
+) -> int:
+    """Run ``condconv fit|validate|test ARGS``; returns the exit code.
+
+    Config errors (unknown key, bad value, model/data mismatch) print one line
+    ``condconv fit: error: ...`` to stderr and return 2; ``--help`` and ``--print_config`` return 0.
+    Other exceptions (bugs, out of memory) propagate with their traceback.
+    """
+    argv = list(argv)
+    command = argv[0] if argv else "fit"
+    if datamodule_class is None:
+        datamodule_class = _default_datamodule_class()
+    try:
+        with warnings.catch_warnings():
+            # We pass argv explicitly on purpose (sys.argv also holds `condconv fit ...`).
+            warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter.*")
+            CondConvCLI(args=argv, **_cli_kwargs(model_class, datamodule_class))
+    except SystemExit as exit_:
+        code = exit_.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except (argparse.ArgumentError, ConfigError, DataMismatchError) as err:
+        print(f"condconv {command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---------------------------------------------------------------------------- build_fit
+@dataclass
+class FitParts:
+    """Everything a fit needs: the module, the data module, Trainer kwargs and where to resume from."""
+
+    module: pl.LightningModule
+    datamodule: Optional[pl.LightningDataModule]
+    trainer_kwargs: dict[str, Any]
+    run_name: str
+    ckpt_path: Optional[str] = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def make_trainer(self, **overrides: Any) -> pl.Trainer:
+        """A Trainer from ``trainer_kwargs`` updated with ``overrides``."""
+        return pl.Trainer(**{**self.trainer_kwargs, **overrides})
+
+    def fit(self, trainer: Optional[pl.Trainer] = None) -> pl.Trainer:
+        """Run ``trainer.fit`` (a new Trainer unless given) and return the Trainer."""
+        trainer = trainer or self.make_trainer()
+        trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=self.ckpt_path)
+        return trainer
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(dict(out[key]), value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(*paths: str | os.PathLike, overrides: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """Read YAML configs (later ones override earlier ones key by key) and nested ``overrides``.
+
+    The same layering as ``condconv fit --config A --config B`` for plain (non-class_path) blocks.
+    """
+    config: dict[str, Any] = {}
+    for path in paths:
+        config = _deep_merge(config, yaml.safe_load(Path(path).read_text()) or {})
+    return _deep_merge(config, overrides or {})
+
+
+def build_fit(
+    config: Mapping[str, Any],
+    *,
+    extra_callbacks: Iterable[Callback] = (),
+    strategy: Any = None,
+    plugins: Iterable[Any] = (),
+    trainer_overrides: Optional[Mapping[str, Any]] = None,
+    model_class: type = ClassificationModule,
+    datamodule_class: Optional[type] = None,
+) -> FitParts:
+    """Build a fit from a config dict shaped like a ``condconv fit`` YAML, through the same parser.
+
+    ``config`` has the blocks ``model``, ``data``, ``trainer``, ``mlflow``, ``checkpoint``,
+    ``seed_everything`` and optionally ``ckpt_path``; it is validated like the CLI's (unknown keys
+    raise ``argparse.ArgumentError``, bad values `ConfigError`). ``seed_everything`` is applied.
+    ``strategy``, ``plugins`` and ``extra_callbacks`` are added to the Trainer kwargs (e.g. Ray
+    Train's ``RayDDPStrategy()``, ``[RayLightningEnvironment()]``, ``[RayTrainReportCallback()]``);
+    ``trainer_overrides`` replaces any other Trainer kwarg (``devices``, ``enable_progress_bar`` ...).
+    The MLflow run is created lazily by the logger on rank 0 when the fit starts.
+    """
+    config = copy.deepcopy(dict(config))
+    ckpt_path = config.pop("ckpt_path", None)
+    if datamodule_class is None:
+        datamodule_class = _default_datamodule_class()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter.*")
+        cli = CondConvCLI(args=config, run=False, build_trainer=False, **_cli_kwargs(model_class, datamodule_class))
+    kwargs = dict(cli.trainer_kwargs)
+    kwargs["callbacks"] = [*kwargs["callbacks"], *extra_callbacks]
+    extra_plugins = list(plugins)
+    if extra_plugins:
+        kept = [p for p in kwargs["plugins"]
+                if not (isinstance(p, AtomicCheckpointIO) and any(isinstance(q, CheckpointIO) for q in extra_plugins))]
+        kwargs["plugins"] = [*kept, *extra_plugins]
+    if strategy is not None:
+        kwargs["strategy"] = strategy
+    kwargs.update(trainer_overrides or {})
+    tracking = cli.config_init.get("mlflow") or TrackingConfig()
+    return FitParts(
+        module=cli.model,
+        datamodule=cli.datamodule,
+        trainer_kwargs=kwargs,
+        run_name=tracking.run_name or _default_run_name(cli.model),
+        ckpt_path=ckpt_path,
+        config=yaml.safe_load(cli.parser.dump(cli.config)),
+    )

@@ -1,0 +1,137 @@
+"""MLflow conventions: where runs go, what a run is called, and which params/tags it carries.
+
+Everything that writes to MLflow (the trainer, the sweep) and everything that reads it (the
+frontier) uses the names defined here.
+
+- Tracking URI: the config's ``mlflow.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else
+  ``sqlite:///mlflow.db`` (a local store in the working directory; artifacts in ``./mlruns``).
+- Experiment: ``mlflow.experiment_name`` (default ``condconv``). Run name: the model spec's name
+  (``mobilenet_v1-w0.25-e4-paper``) unless ``mlflow.run_name`` is set.
+- Params: every ModelSpec field under its own name (``arch``, ``width_mult``, ...), ``madds``,
+  ``params``, ``model_name``, the recipe as ``recipe.<field>``, plus a few run facts
+  (``global_batch_size``, ``lr_peak``, ...). Tags: ``arch``, ``width_mult``, ``num_experts``,
+  ``placement``, ``madds``, ``params``, ``model_name`` (the frontier reads params first, then tags).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Mapping, Optional
+
+from lightning.pytorch.loggers import Logger, MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+__all__ = [
+    "DEFAULT_TRACKING_URI",
+    "DEFAULT_EXPERIMENT",
+    "ROLE_TAG",
+    "ROLE_FIT",
+    "ROLE_TRIAL",
+    "ROLE_SWEEP",
+    "PARENT_RUN_TAG",
+    "MODEL_TAG_KEYS",
+    "CHECKPOINT_TAG",
+    "BEST_CHECKPOINT_TAG",
+    "TrackingConfig",
+    "resolve_tracking_uri",
+    "make_logger",
+    "model_params",
+    "model_tags",
+    "recipe_params",
+    "log_params",
+    "set_tags",
+]
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "condconv"
+
+# Run roles: a plain `condconv fit`, one trial of a sweep, the sweep's parent run.
+ROLE_TAG = "condconv.role"
+ROLE_FIT = "fit"
+ROLE_TRIAL = "trial"
+ROLE_SWEEP = "sweep"
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag for nested (child) runs
+
+# Tags duplicating the model's identity params, so runs that only tag (e.g. a sweep) read alike.
+MODEL_TAG_KEYS = ("arch", "width_mult", "num_experts", "placement", "madds", "params", "model_name")
+CHECKPOINT_TAG = "checkpoint_path"  # the last checkpoint written (resume from it)
+BEST_CHECKPOINT_TAG = "best_checkpoint_path"  # the best by the checkpoint monitor
+
+
+@dataclass
+class TrackingConfig:
+    """The ``mlflow:`` block of a training config."""
+
+    tracking_uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment_name: str = DEFAULT_EXPERIMENT
+    run_name: Optional[str] = None  # null: the model spec's name
+    run_id: Optional[str] = None  # log into this existing run instead of starting one
+    tags: Dict[str, str] = field(default_factory=dict)  # extra run tags (e.g. mlflow.parentRunId)
+    artifact_location: Optional[str] = None  # for a new experiment; null: the store's default (./mlruns)
+    log_checkpoints: bool = False  # upload checkpoints as artifacts at the end (they are large)
+
+
+def resolve_tracking_uri(configured: Optional[str] = None) -> str:
+    """The tracking URI to use: ``configured``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def make_logger(config: TrackingConfig, run_name: str) -> MLFlowLogger:
+    """The Lightning MLflow logger of a run; the run itself is created lazily on first use (rank 0)."""
+    tags = {ROLE_TAG: ROLE_FIT, **{k: str(v) for k, v in config.tags.items()}}
+    return MLFlowLogger(
+        experiment_name=config.experiment_name,
+        run_name=config.run_name or run_name,
+        tracking_uri=resolve_tracking_uri(config.tracking_uri),
+        tags=tags,
+        artifact_location=config.artifact_location,
+        run_id=config.run_id,
+        log_model=config.log_checkpoints,
+    )
+
+
+def _param_value(value: Any) -> str:
+    # MLflow stores strings; lists (an explicit placement) as JSON so they read back unambiguously.
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value))
+    return str(value)
+
+
+def model_params(spec: Any, madds: int, params: int) -> dict[str, str]:
+    """A model's identity as flat MLflow params: every spec field, ``madds``, ``params``, ``model_name``."""
+    out = {k: _param_value(v) for k, v in dataclasses.asdict(spec).items()}
+    out.update(madds=str(int(madds)), params=str(int(params)), model_name=spec.name)
+    return out
+
+
+def model_tags(spec: Any, madds: int, params: int) -> dict[str, str]:
+    """The subset of :func:`model_params` also set as tags (``MODEL_TAG_KEYS``)."""
+    identity = model_params(spec, madds, params)
+    return {k: identity[k] for k in MODEL_TAG_KEYS}
+
+
+def recipe_params(recipe: Any) -> dict[str, str]:
+    """A recipe dataclass as ``recipe.<field>`` params."""
+    return {f"recipe.{k}": _param_value(v) for k, v in dataclasses.asdict(recipe).items()}
+
+
+def _mlflow_loggers(loggers: Iterable[Logger]) -> list[MLFlowLogger]:
+    return [lg for lg in loggers if isinstance(lg, MLFlowLogger)]
+
+
+@rank_zero_only
+def log_params(loggers: Iterable[Logger], params: Mapping[str, Any]) -> None:
+    """Log flat params to every logger (rank 0 only; MLflow params are write-once per run)."""
+    for lg in loggers:
+        lg.log_hyperparams(dict(params))
+
+
+@rank_zero_only
+def set_tags(loggers: Iterable[Logger], tags: Mapping[str, Any]) -> None:
+    """Set tags on the run of every MLflow logger (rank 0 only; other loggers have no tags)."""
+    for lg in _mlflow_loggers(loggers):
+        client = lg.experiment
+        for key, value in tags.items():
+            client.set_tag(lg.run_id, key, str(value))
