@@ -164,8 +164,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
 def _get_or_create_child_run(
     tracking_uri: str, experiment_id: str, parent_run_id: str, trial_key: str, run_name: str, tags: dict[str, str]
-) -> str:
-    """The MLflow child run of a trial: the existing one when the trial is resumed, else a new one."""
+) -> tuple[str, Optional[dict[str, float]]]:
+    """The MLflow child run of a trial: the existing one when the trial is resumed, else a new one.
+
+    Returns (run id, final metrics if that run already FINISHED, else None).
+    """
     from mlflow.tracking import MlflowClient
 
     from pipeline.tracking import PARENT_RUN_TAG, ROLE_TAG, ROLE_TRIAL
@@ -177,17 +180,20 @@ def _get_or_create_child_run(
         max_results=1,
     )
     if existing:
-        run_id = existing[0].info.run_id
-        if existing[0].info.status != "RUNNING":
-            client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, "condconv.restarts", str(int(existing[0].data.tags.get("condconv.restarts", "0")) + 1))
-        return run_id
+        run = existing[0]
+        run_id = run.info.run_id
+        if run.info.status == "FINISHED":
+            # Its fit completed but the sweep was stopped before Tune recorded it: do not train again.
+            return run_id, dict(run.data.metrics)
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "condconv.restarts", str(int(run.data.tags.get("condconv.restarts", "0")) + 1))
+        return run_id, None
     run = client.create_run(
         experiment_id,
         run_name=run_name,
         tags={PARENT_RUN_TAG: parent_run_id, TRIAL_KEY_TAG: trial_key, ROLE_TAG: ROLE_TRIAL, **tags},
     )
-    return run.info.run_id
+    return run.info.run_id, None
 
 
 def trial_driver(config: dict[str, Any]) -> None:
@@ -203,10 +209,15 @@ def trial_driver(config: dict[str, Any]) -> None:
     sweep = config["sweep"]
     fit_config = trial["config"]
     spec = condconv.ModelSpec(**(get_dotted(fit_config, "model.model") or {}))
-    run_id = _get_or_create_child_run(
+    run_id, finished_metrics = _get_or_create_child_run(
         sweep["tracking_uri"], sweep["experiment_id"], sweep["parent_run_id"], trial["key"], spec.name,
         {SWEEP_NAME_TAG: sweep["name"]},
     )
+    if finished_metrics is not None:
+        from ray import tune
+
+        tune.report(finished_metrics)
+        return
     set_dotted(fit_config, "mlflow.run_id", run_id)
     res = sweep["resources"]
     use_gpu = res["gpus_per_worker"] > 0

@@ -19,3 +19,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory: pytest.TempPathFactory):
+    """The demo's digits data as webdataset shards (made once per test session, ~2 s)."""
+    from pipeline.data.digits import write_digits
+    from pipeline.data.imagenet_wds import convert_imagenet_to_wds
+
+    root = tmp_path_factory.mktemp("digits")
+    write_digits(root / "raw")
+    convert_imagenet_to_wds(root / "raw", root / "wds", progress=False)
+    return root / "wds"
