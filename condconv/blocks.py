@@ -2,18 +2,23 @@
 CondConv variant of a block are the same code: the factory decides what a conv is.
 
 A CondConv block owns one `RoutingFn` computed from the block's input and shared by all its
-CondConv layers, as in the paper's reference code.
+CondConv layers, as in the paper's reference code (with a factory of ``scope="layer"`` each
+CondConv layer routes on its own input instead, see `condconv.routing.LayerRouted`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import nn
 from torchvision.ops import SqueezeExcitation, StochasticDepth
 
 from condconv.layers import CondConv2d, CondLinear, RoutingFn
+from condconv.routing import ROUTING_SCOPES, LayerRouted
+
+if TYPE_CHECKING:
+    from condconv.spec import ModelSpec
 
 __all__ = [
     "ConvFactory",
@@ -43,10 +48,27 @@ def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = No
 
 @dataclass(frozen=True)
 class ConvFactory:
-    """Makes the convs of one block: `nn.Conv2d` when ``num_experts == 0``, else `CondConv2d`."""
+    """Makes the convs of one block: `nn.Conv2d` when ``num_experts == 0``, else `CondConv2d`.
+
+    ``routing`` is the `RoutingFn` kind and ``temperature`` its starting softmax temperature;
+    ``scope="layer"`` wraps every CondConv layer in `LayerRouted` (its own routing) and gives the
+    block no shared `RoutingFn`.
+    """
 
     num_experts: int = 0
     routing: str = "sigmoid"
+    scope: str = "block"
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.scope not in ROUTING_SCOPES:
+            raise ValueError(f"routing scope {self.scope!r} is not one of {ROUTING_SCOPES}")
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> ConvFactory:
+        """The CondConv factory of a `ModelSpec` (its experts and routing options)."""
+        temperature = spec.routing_temperature if spec.routing == "softmax_anneal" else 1.0
+        return cls(spec.num_experts, spec.routing, spec.routing_scope, temperature)
 
     @property
     def conditional(self) -> bool:
@@ -59,21 +81,26 @@ class ConvFactory:
         """A 'same'-padded conv (symmetric padding (k-1)//2, as torchvision's models)."""
         padding = (kernel_size - 1) // 2
         if self.conditional:
-            return CondConv2d(
+            return self._routed(CondConv2d(
                 in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias,
                 num_experts=self.num_experts,
-            )
+            ))
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
 
     def linear(self, in_features: int, out_features: int, bias: bool = True) -> nn.Module:
         """A fully connected layer: `nn.Linear` or `CondLinear`."""
         if self.conditional:
-            return CondLinear(in_features, out_features, bias=bias, num_experts=self.num_experts)
+            return self._routed(CondLinear(in_features, out_features, bias=bias, num_experts=self.num_experts))
         return nn.Linear(in_features, out_features, bias=bias)
 
+    def _routed(self, layer: nn.Module) -> nn.Module:
+        return LayerRouted(layer, self.routing, self.temperature) if self.scope == "layer" else layer
+
     def routing_fn(self, in_channels: int) -> Optional[RoutingFn]:
-        """The block's routing function, or None for a static block."""
-        return RoutingFn(in_channels, self.num_experts, self.routing) if self.conditional else None
+        """The block's shared routing function, or None for a static block or per-layer routing."""
+        if not self.conditional or self.scope == "layer":
+            return None
+        return RoutingFn(in_channels, self.num_experts, self.routing, self.temperature)
 
 
 STATIC = ConvFactory()

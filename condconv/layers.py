@@ -16,7 +16,9 @@ from torch import nn
 
 __all__ = ["RoutingFn", "CondConv2d", "CondLinear", "ROUTING_KINDS", "init_expert_kernels_"]
 
-ROUTING_KINDS = ("sigmoid", "softmax")
+# "softmax_anneal": softmax whose temperature the training loop lowers over the first epochs
+# (DynamicConv, Chen et al. 2020); see `condconv.routing.annealed_temperature`.
+ROUTING_KINDS = ("sigmoid", "softmax", "softmax_anneal")
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -35,30 +37,60 @@ class RoutingFn(nn.Module):
     """Example-dependent routing weights ``r = sigmoid(GlobalAvgPool(x) @ W + b)``, shape [B, num_experts].
 
     One per block, shared by all CondConv layers of that block, as in the paper's reference code.
-    ``kind="softmax"`` is offered for comparison (the paper found sigmoid better).
+    ``kind="softmax"`` is offered for comparison (the paper found sigmoid better), and
+    ``kind="softmax_anneal"``: ``softmax(logits / temperature)`` with a ``temperature`` that the
+    training loop lowers (`condconv.set_routing_temperature`), starting at ``temperature``.
     """
 
-    def __init__(self, in_channels: int, num_experts: int, kind: str = "sigmoid") -> None:
+    def __init__(self, in_channels: int, num_experts: int, kind: str = "sigmoid", temperature: float = 1.0) -> None:
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts={num_experts} for RoutingFn; expected >= 1")
         if kind not in ROUTING_KINDS:
             raise ValueError(f"routing kind {kind!r} is not one of {ROUTING_KINDS}")
+        _check_temperature(temperature, kind)
         self.in_channels = in_channels
         self.num_experts = num_experts
         self.kind = kind
         self.fc = nn.Linear(in_channels, num_experts)
+        if kind == "softmax_anneal":
+            # A buffer, so a checkpoint keeps the temperature the model was last trained at and an
+            # evaluation of it routes as training did.
+            self.register_buffer("temperature", torch.tensor(float(temperature)))
+        else:
+            self.temperature = float(temperature)
+
+    def set_temperature(self, temperature: float) -> None:
+        """Set the softmax temperature (softmax kinds only)."""
+        _check_temperature(temperature, self.kind)
+        if isinstance(self.temperature, torch.Tensor):
+            self.temperature.fill_(float(temperature))
+        else:
+            self.temperature = float(temperature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Routing weights [B, num_experts] from a [B, C, H, W] (or already pooled [B, C]) input."""
         pooled = x.mean(dim=(2, 3)) if x.dim() == 4 else x
         logits = self.fc(pooled)
-        if self.kind == "softmax":
-            return torch.softmax(logits, dim=1)
-        return torch.sigmoid(logits)
+        if self.kind == "sigmoid":
+            return torch.sigmoid(logits)
+        return torch.softmax(logits / self.temperature, dim=1)
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, num_experts={self.num_experts}, kind={self.kind}"
+        s = f"{self.in_channels}, num_experts={self.num_experts}, kind={self.kind}"
+        if self.kind != "sigmoid":
+            s += f", temperature={float(self.temperature):g}"
+        return s
+
+
+def _check_temperature(temperature: float, kind: str) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"routing temperature={temperature!r}; expected a number > 0")
+    if kind == "sigmoid" and temperature != 1.0:
+        raise ValueError(
+            f"routing temperature={temperature!r} with kind 'sigmoid'; a temperature applies to "
+            f"{[k for k in ROUTING_KINDS if k != 'sigmoid']} only"
+        )
 
 
 def init_expert_kernels_(weight: torch.Tensor, init_fn: Callable[[torch.Tensor], object]) -> None:

@@ -7,6 +7,7 @@ from typing import List, Optional, Union
 
 from condconv.layers import ROUTING_KINDS
 from condconv.placement import check_placement, placement_name
+from condconv.routing import ROUTING_SCOPES
 
 __all__ = ["ModelSpec"]
 
@@ -16,7 +17,11 @@ class ModelSpec:
     """What to build: architecture, scaling, CondConv experts and placement, head size.
 
     ``num_experts=0`` is the static model. ``dropout`` and ``drop_path_rate`` default (None) to the
-    architecture's own values. Invalid fields raise ValueError when the spec is made, before any
+    architecture's own values. Routing: ``routing`` is the `RoutingFn` kind (``sigmoid``,
+    ``softmax``, ``softmax_anneal``), ``routing_scope`` ``block`` (one per block, the paper) or
+    ``layer`` (one per CondConv layer); ``softmax_anneal`` lowers its temperature linearly from
+    ``routing_temperature`` to 1 over the first ``routing_anneal_epochs`` epochs (ignored by the
+    other kinds). Invalid fields raise ValueError when the spec is made, before any
     module is built.
     """
 
@@ -30,6 +35,9 @@ class ModelSpec:
     dropout: Optional[float] = None
     drop_path_rate: Optional[float] = None
     routing: str = "sigmoid"
+    routing_scope: str = "block"
+    routing_temperature: float = 30.0
+    routing_anneal_epochs: int = 10
 
     def __post_init__(self) -> None:
         from condconv.models.registry import list_models
@@ -54,6 +62,15 @@ class ModelSpec:
                 raise ValueError(f"{name}={value!r}; expected a number in [0, 1) or null for the arch default")
         if self.routing not in ROUTING_KINDS:
             raise ValueError(f"routing={self.routing!r}; expected one of {list(ROUTING_KINDS)}")
+        if self.routing_scope not in ROUTING_SCOPES:
+            raise ValueError(f"routing_scope={self.routing_scope!r}; expected one of {list(ROUTING_SCOPES)}")
+        t = self.routing_temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 1.0:
+            raise ValueError(f"routing_temperature={t!r}; expected a number >= 1 (the softmax_anneal start)")
+        self.routing_temperature = float(t)
+        n = self.routing_anneal_epochs
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"routing_anneal_epochs={n!r}; expected an int >= 0")
         if isinstance(self.placement, tuple):
             self.placement = list(self.placement)
         check_placement(self.placement)
@@ -72,8 +89,12 @@ class ModelSpec:
         parts.append(f"e{self.num_experts}")
         if self.num_experts > 0:
             parts.append(placement_name(self.placement))
-            if self.routing != "sigmoid":
+            if self.routing == "softmax_anneal":
+                parts.append(f"softmax_anneal{self.routing_temperature:g}x{self.routing_anneal_epochs}")
+            elif self.routing != "sigmoid":
                 parts.append(self.routing)
+            if self.routing_scope != "block":
+                parts.append(f"per_{self.routing_scope}")
         return "-".join(parts)
 
     def replace(self, **changes: object) -> "ModelSpec":

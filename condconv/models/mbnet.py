@@ -93,7 +93,7 @@ def expand_stages(net: MBNetDef, spec: ModelSpec) -> list[BlockConfig]:
 
 def build_mbnet(net: MBNetDef, spec: ModelSpec, configs: Sequence[BlockConfig], positions: frozenset) -> CondConvNet:
     """Build the network; blocks whose index is in ``positions`` (and "head"/"fc") are CondConv."""
-    cond = ConvFactory(spec.num_experts, spec.routing)
+    cond = ConvFactory.from_spec(spec)
     norm = lambda c: nn.BatchNorm2d(c, eps=net.bn_eps)  # noqa: E731
     drop_path = net.drop_path_rate if spec.drop_path_rate is None else spec.drop_path_rate
     stem_ch = make_divisible(net.stem_channels * spec.width_mult)

@@ -45,7 +45,7 @@ def block_configs(spec: ModelSpec) -> list[BottleneckConfig]:
 
 def build(spec: ModelSpec, configs: Sequence[BottleneckConfig], positions: frozenset) -> CondConvNet:
     """Build ResNet-50 with CondConv bottlenecks at ``positions``."""
-    cond = ConvFactory(spec.num_experts, spec.routing)
+    cond = ConvFactory.from_spec(spec)
     stem_ch = make_divisible(64 * spec.width_mult)
     stem = nn.Sequential(
         ConvBnAct(3, stem_ch, 7, 2, 1, STATIC), nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
