@@ -5,6 +5,7 @@ Depends on torch (and torchvision ops) only.
 from condconv.layers import CondConv2d, CondLinear, RoutingFn
 from condconv.madds import count_madds, count_params
 from condconv.models import create_model, list_models
+from condconv.routing import LayerRouted, annealed_temperature, set_routing_temperature
 from condconv.spec import ModelSpec
 from condconv.summary import format_summary, model_summary
 
@@ -12,6 +13,9 @@ __all__ = [
     "CondConv2d",
     "CondLinear",
     "RoutingFn",
+    "LayerRouted",
+    "annealed_temperature",
+    "set_routing_temperature",
     "ModelSpec",
     "create_model",
     "list_models",
