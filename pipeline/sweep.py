@@ -252,6 +252,10 @@ def _init_ray(address: Optional[str], needed_cpus: float) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
+    # A local cluster cannot be preempted, and Ray Train's metrics export has no reader here: skip the
+    # extra actor processes they cost per trial (set before ray.init, so Ray's processes inherit it).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
     # Logical CPUs: the trials' workers plus their small driver functions may exceed the cores of a
     # laptop; Ray only uses the count for scheduling.
     ray.init(num_cpus=max(os.cpu_count() or 1, int(needed_cpus + 0.999)), include_dashboard=False, log_to_driver=True)
