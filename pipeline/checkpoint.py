@@ -4,8 +4,8 @@
 ``trainer.save_checkpoint``'s): to a temp file in the target directory, fsync, ``os.replace``,
 fsync of the directory. A crash mid-write leaves the previous checkpoint intact and at most a
 stray ``.*.tmp`` file, never a truncated ``.ckpt``. `RunCheckpoint` is ModelCheckpoint with this
-project's defaults; Lightning's ModelCheckpoint already deletes the checkpoint a new one replaces
-only after the new one is saved.
+project's defaults (best by val_top1 + last.ckpt); Lightning's ModelCheckpoint already deletes the
+checkpoint a new one replaces only after the new one is saved.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from pipeline.tracking import BEST_CHECKPOINT_TAG, CHECKPOINT_TAG, set_tags
 __all__ = ["AtomicCheckpointIO", "RunCheckpoint", "default_checkpoint_dir", "atomic_torch_save"]
 
 DEFAULT_CHECKPOINT_ROOT = "outputs/checkpoints"
+LAST_NAME = "last"  # last.ckpt: what `--ckpt_path last` finds
 
 
 def default_checkpoint_dir(run_name: str, root: str = DEFAULT_CHECKPOINT_ROOT) -> str:
@@ -85,9 +86,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class RunCheckpoint(ModelCheckpoint):
     """ModelCheckpoint with this project's defaults, recording the checkpoint paths as MLflow tags.
 
-    Defaults: keep the best epoch by ``val_top1`` (mode max) plus ``last.ckpt`` to resume from.
-    ``dirpath`` left null is filled in by the CLI with ``outputs/checkpoints/<run name>``. At the
-    end of fit the tags ``checkpoint_path`` (last) and ``best_checkpoint_path`` are set.
+    Keeps the best epoch by ``val_top1`` (mode max) and, with ``save_last``, ``last.ckpt`` after
+    every epoch to resume from. Lightning 2.6's own ``save_last`` only rewrites ``last.ckpt`` when
+    a top-k checkpoint is saved in the same step, so here ``last.ckpt`` comes from a companion
+    callback (`last_checkpoint_callback`, which the CLI adds). ``dirpath`` left null is filled in
+    by the CLI with ``outputs/checkpoints/<run name>``. At the end of fit the tags
+    ``checkpoint_path`` (last) and ``best_checkpoint_path`` are set.
     """
 
     def __init__(
@@ -97,20 +101,33 @@ class RunCheckpoint(ModelCheckpoint):
         monitor: Optional[str] = "val_top1",
         mode: str = "max",
         save_top_k: int = 1,
-        save_last: Optional[bool] = True,
+        save_last: bool = True,
         every_n_epochs: Optional[int] = None,
         save_weights_only: bool = False,
         verbose: bool = False,
     ) -> None:
         super().__init__(dirpath=dirpath, filename=filename, monitor=monitor, mode=mode,
-                         save_top_k=save_top_k, save_last=save_last, every_n_epochs=every_n_epochs,
+                         save_top_k=save_top_k, save_last=False, every_n_epochs=every_n_epochs,
                          save_weights_only=save_weights_only, verbose=verbose)
+        self.keep_last = save_last
+
+    def last_checkpoint_callback(self) -> Optional[ModelCheckpoint]:
+        """The companion writing ``<dirpath>/last.ckpt`` after every epoch (None without ``save_last``).
+
+        Call after ``dirpath`` is final. It has no monitor, so it always saves, and one fixed file
+        name, so each save atomically replaces the previous one.
+        """
+        if not self.keep_last:
+            return None
+        return ModelCheckpoint(dirpath=self.dirpath, filename=LAST_NAME, monitor=None, save_top_k=1,
+                               enable_version_counter=False, save_weights_only=self.save_weights_only)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Record where the last and best checkpoints are (absolute paths) on the MLflow run."""
         tags = {}
-        if self.last_model_path:
-            tags[CHECKPOINT_TAG] = str(Path(self.last_model_path).resolve())
+        last = Path(self.dirpath or ".", LAST_NAME + self.FILE_EXTENSION)
+        if self.keep_last and last.is_file():
+            tags[CHECKPOINT_TAG] = str(last.resolve())
         if self.best_model_path:
             tags[BEST_CHECKPOINT_TAG] = str(Path(self.best_model_path).resolve())
             tags.setdefault(CHECKPOINT_TAG, tags[BEST_CHECKPOINT_TAG])

@@ -7,7 +7,7 @@ the data. Logged metric names (accuracies are fractions in [0, 1]):
 - ``train_loss`` (epoch mean) and ``train_loss_step``, ``lr`` (per optimizer step);
 - ``val_loss``, ``val_top1``, ``val_top5`` and, with EMA, ``val_loss_ema``, ``val_top1_ema``,
   ``val_top5_ema``; ``test_*`` likewise; ``data_skipped_samples`` when the data module counts
-  corrupt samples it skipped.
+  corrupt samples it skipped; ``routing_temperature`` (per epoch) with ``routing: softmax_anneal``.
 """
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ class ClassificationModule(pl.LightningModule):
             get a useful average; the reference recipe uses a fixed decay.
         channels_last: run the model in channels-last memory format (faster convs on recent GPUs
             with bf16/fp16; leave off on CPU).
+        routing_report: at the end of the fit, write the routing report of the model on the full
+            val split (`pipeline.routing_report`) and log it to the MLflow run under ``routing/``
+            (rank 0; CondConv models only).
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class ClassificationModule(pl.LightningModule):
         ema_decay: Optional[float] = None,
         ema_warmup: bool = False,
         channels_last: bool = False,
+        routing_report: bool = False,
     ) -> None:
         super().__init__()
         # Via LightningCLI this stores the parsed config; called directly, the init args. Logging
@@ -72,6 +76,7 @@ class ClassificationModule(pl.LightningModule):
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay={ema_decay!r}; expected a number in (0, 1) or null for no EMA")
         self.channels_last = channels_last
+        self.routing_report = routing_report
 
         self.model = condconv.create_model(self.spec)
         if channels_last:
@@ -130,9 +135,8 @@ class ClassificationModule(pl.LightningModule):
         return self.model(x)
 
     # ---------------------------------------------------------------- setup and run facts
-    def setup(self, stage: str) -> None:
-        """Check the model fits the data, then log the model's identity (params and tags) to MLflow."""
-        datamodule = getattr(self.trainer, "datamodule", None)
+    def check_data(self, datamodule: Optional[pl.LightningDataModule]) -> None:
+        """Raise `DataMismatchError` unless the data has ``spec.num_classes`` classes (when it says)."""
         data_classes = getattr(datamodule, "num_classes", None)
         if data_classes is not None and int(data_classes) != self.spec.num_classes:
             where = getattr(datamodule, "data_dir", None)
@@ -141,6 +145,11 @@ class ClassificationModule(pl.LightningModule):
                 f"{f' at {where}' if where else ''} has {data_classes} classes; "
                 f"set model.model.num_classes: {data_classes}"
             )
+
+    def setup(self, stage: str) -> None:
+        """Check the model fits the data, then log the model's identity (params and tags) to MLflow."""
+        # The CLI checks this before a Trainer (or MLflow run) exists; this covers other callers.
+        self.check_data(getattr(self.trainer, "datamodule", None))
         if self.trainer.is_global_zero and not self._identity_logged:
             self._madds = condconv.count_madds(self.model, resolution=self.spec.resolution)
             self._num_params = condconv.count_params(self.model)
@@ -232,6 +241,41 @@ class ClassificationModule(pl.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
                  batch_size=n)
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        """Set this epoch's softmax temperature on every annealed routing function (``softmax_anneal``)."""
+        if self.spec.routing != "softmax_anneal":
+            return
+        t = condconv.annealed_temperature(self.current_epoch, self.spec.routing_temperature,
+                                          self.spec.routing_anneal_epochs)
+        # The EMA copy too: it is evaluated with the temperature the weights are trained at.
+        for net in (self.model, self.model_ema.module if self.model_ema is not None else None):
+            if net is not None:
+                condconv.set_routing_temperature(net, t)
+        self.log("routing_temperature", t, on_step=False, on_epoch=True, batch_size=1)
+
+    def on_fit_end(self) -> None:
+        """With ``routing_report``, write the routing report on the val split and log it to MLflow (rank 0)."""
+        if self.routing_report and self.spec.is_condconv and self.trainer.is_global_zero:
+            self._write_routing_report()
+
+    def _write_routing_report(self) -> None:
+        import tempfile
+
+        from pipeline.routing_report import log_routing_report, routing_report
+
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            return
+        # The whole val split on this rank (ShardDataModule.dataloader); the per-rank loader otherwise.
+        loader = (datamodule.dataloader("val", 0, 1) if hasattr(datamodule, "dataloader")
+                  else datamodule.val_dataloader())
+        with tempfile.TemporaryDirectory() as tmp:
+            routing_report(self.model, loader, tmp, num_classes=self.spec.num_classes,
+                           class_names=getattr(datamodule, "classes", None),
+                           title=f"Routing report: {self.spec.name}",
+                           notes=[f"End of fit (epoch {self.current_epoch}), val split."])
+            log_routing_report(self.trainer.loggers, tmp)
 
     def on_train_epoch_end(self) -> None:
         """Log how many corrupt samples the data module has skipped so far (when it counts them)."""

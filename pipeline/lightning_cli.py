@@ -89,8 +89,9 @@ def trainer_kwargs_with_conventions(
 
     ``trainer.logger`` null or true -> the MLflow logger of ``tracking`` (run name = module's
     ``run_name``); ``callbacks`` (the configured ``checkpoint`` callback among them) are appended to
-    ``trainer.callbacks``; a RunCheckpoint without ``dirpath`` gets ``outputs/checkpoints/<run name>``
-    (and is dropped when ``trainer.enable_checkpointing`` is false); `AtomicCheckpointIO` is added
+    ``trainer.callbacks``; a RunCheckpoint without ``dirpath`` gets ``outputs/checkpoints/<run name>``,
+    its ``last.ckpt`` companion is added (both are dropped when ``trainer.enable_checkpointing`` is
+    false); `AtomicCheckpointIO` is added
     unless a CheckpointIO plugin is configured.
     """
     kwargs = dict(trainer_config)
@@ -105,6 +106,9 @@ def trainer_kwargs_with_conventions(
                 continue
             if cb.dirpath is None:
                 cb.dirpath = os.path.realpath(default_checkpoint_dir(run_name))
+            last = cb.last_checkpoint_callback()
+            if last is not None:
+                all_callbacks.append(last)
         all_callbacks.append(cb)
     kwargs["callbacks"] = all_callbacks
 
@@ -146,13 +150,23 @@ class CondConvCLI(LightningCLI):
             torch.set_num_threads(num_threads)
 
     def instantiate_classes(self) -> None:
-        """Instantiate module, data module and trainer; invalid values become a `ConfigError`."""
+        """Instantiate module, data module and trainer; invalid values become a `ConfigError`.
+
+        A module with ``check_data(datamodule)`` checks the data fits it (e.g. the number of
+        classes) before the Trainer, and so before any MLflow run or checkpoint directory, exists.
+        """
+        # jsonargparse >= 4.49 renamed instantiate_classes (deprecated) to instantiate.
+        instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes
         try:
-            super().instantiate_classes()
+            self.config_init = instantiate(self.config)
         except (ValueError, TypeError) as err:
-            if isinstance(err, DataMismatchError):
-                raise
             raise ConfigError(str(err)) from err
+        self.datamodule = self._get(self.config_init, "data")
+        self.model = self._get(self.config_init, "model")
+        check_data = getattr(self.model, "check_data", None)
+        if callable(check_data):
+            check_data(self.datamodule)
+        self.trainer = self.instantiate_trainer()
 
     def instantiate_trainer(self, **kwargs: Any) -> Optional[pl.Trainer]:
         """Build the Trainer from the ``trainer`` block plus `trainer_kwargs_with_conventions`."""
@@ -173,8 +187,9 @@ class CondConvCLI(LightningCLI):
 
 def _cli_kwargs(model_class: type, datamodule_class: type) -> dict[str, Any]:
     # Errors raise (argparse.ArgumentError) instead of printing usage and exiting: the caller
-    # reports them as one line.
-    parser_kwargs = {"exit_on_error": False}
+    # reports them as one line. No abbreviations: `--trainer.max_epoch` must not silently mean
+    # `--trainer.max_epochs`.
+    parser_kwargs = {"exit_on_error": False, "allow_abbrev": False}
     return dict(
         model_class=model_class,
         datamodule_class=datamodule_class,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Mapping, Optional
 
@@ -123,9 +124,23 @@ def _mlflow_loggers(loggers: Iterable[Logger]) -> list[MLFlowLogger]:
 
 @rank_zero_only
 def log_params(loggers: Iterable[Logger], params: Mapping[str, Any]) -> None:
-    """Log flat params to every logger (rank 0 only; MLflow params are write-once per run)."""
+    """Log flat params to every logger (rank 0 only).
+
+    MLflow params are write-once: when a run is continued (``mlflow.run_id``, e.g. on resume with
+    a larger ``max_epochs``) params it already has keep their first value, with a warning if the
+    new value differs, instead of failing the fit.
+    """
     for lg in loggers:
-        lg.log_hyperparams(dict(params))
+        todo = {k: str(v) for k, v in params.items()}
+        if isinstance(lg, MLFlowLogger):
+            existing = lg.experiment.get_run(lg.run_id).data.params
+            changed = sorted(k for k, v in todo.items() if k in existing and existing[k] != v[:250])
+            if changed:
+                warnings.warn(f"MLflow run {lg.run_id} keeps its first values of params {changed} "
+                              "(MLflow params cannot change)", stacklevel=2)
+            todo = {k: v for k, v in todo.items() if k not in existing}
+        if todo:
+            lg.log_hyperparams(todo)
 
 
 @rank_zero_only
