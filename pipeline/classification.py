@@ -80,7 +80,10 @@ class ClassificationModule(pl.LightningModule):
 
         self.model = condconv.create_model(self.spec)
         if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            # Not model.to(memory_format=...): that refuses CondConv's 5-d expert weights.
+            from condconv.models import channels_last_
+
+            channels_last_(self.model)
         self.model_ema: Optional[nn.Module] = None
         if ema_decay is not None:
             from timm.utils import ModelEmaV3

@@ -40,6 +40,7 @@ from pipeline.tracking import TrackingConfig, make_logger
 
 __all__ = [
     "CondConvCLI",
+    "ConfigError",
     "MlflowConfigArtifact",
     "FitParts",
     "build_fit",

@@ -237,6 +237,32 @@ def test_build_fit_builds_the_same_parts_for_other_entry_points(workdir):
         build_fit({**config, "not_a_key": 1}, datamodule_class=TinyDataModule)
 
 
+PAPER_ARCHS = ("mobilenet_v1", "mobilenet_v2", "mnasnet_a1", "resnet50", "efficientnet_b0")
+
+
+@pytest.mark.parametrize("arch", PAPER_ARCHS)
+def test_paper_run_configs_parse_on_the_shared_base(arch, capsys):
+    base = REPO / "tasks" / "classification" / "_base.yaml"
+    for experts, name in ((0, "static"), (8, "condconv8")):
+        run = REPO / "tasks" / "classification" / f"{arch}-{name}.yaml"
+        assert run_lightning_cli(["fit", "--config", str(base), "--config", str(run), "--print_config"]) == 0
+        config = yaml.safe_load(capsys.readouterr().out)
+        spec = condconv.ModelSpec(**config["model"]["model"])  # validates every field
+        assert (spec.arch, spec.num_experts, spec.resolution, spec.num_classes) == (arch, experts, 224, 1000)
+        assert spec.placement == "paper"
+        assert config["data"]["data_dir"] == "data/imagenet-wds"
+        recipe = config["model"]["recipe"]
+        if arch == "resnet50":
+            assert (recipe["optimizer"], recipe["lr"], recipe["weight_decay"]) == ("sgd", 0.1, 1e-4)
+            assert config["trainer"]["max_epochs"] == 90 and config["model"]["ema_decay"] is None
+        else:
+            assert (recipe["optimizer"], recipe["lr"], recipe["decay_rate"], recipe["decay_epochs"]) == (
+                "rmsprop_tf", 0.016, 0.97, 2.4)
+            assert recipe["weight_decay"] == 1e-5 and recipe["warmup_epochs"] == 5
+            assert config["trainer"]["max_epochs"] == 350 and config["model"]["ema_decay"] == 0.9999
+        assert recipe["label_smoothing"] == 0.1
+
+
 def test_load_config_layers_files_like_repeated_config_flags(tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text("model:\n  model: {arch: resnet50, num_experts: 0}\n  recipe: {lr: 0.1}\ntrainer: {max_epochs: 90}\n")
