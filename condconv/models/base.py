@@ -74,13 +74,10 @@ def init_weights(model: nn.Module, zero_init_last_bn: bool = False) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, CondLinear):
-            init_expert_kernels_(m.weight, lambda w: nn.init.uniform_(w, -1 / math.sqrt(w.shape[0]), 1 / math.sqrt(w.shape[0])))
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            bound = 1 / math.sqrt(m.out_features)
-            nn.init.uniform_(m.weight, -bound, bound)
+        elif isinstance(m, (nn.Linear, CondLinear)):
+            # Small logits at the start whatever the class count (torchvision's MobileNet init); a
+            # fan-out-scaled uniform init gives large logits, and a slow start, with 10 classes.
+            init_expert_kernels_(m.weight, lambda w: nn.init.normal_(w, 0.0, 0.01)) if isinstance(m, CondLinear) else nn.init.normal_(m.weight, 0.0, 0.01)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
     if zero_init_last_bn:
