@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -9,6 +10,9 @@ import torch
 # 2-core CI machine: avoid oversubscription across DDP/Ray processes.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Nothing a test logs may land in the checkout's ./mlflow.db: tests that use MLflow set their own
+# store; this catches any that forget.
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='condconv-tests-')}/mlflow.db"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
