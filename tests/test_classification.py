@@ -1,6 +1,8 @@
 """ClassificationModule with a real Lightning Trainer on tiny synthetic data (no logger)."""
 from __future__ import annotations
 
+import dataclasses
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -69,9 +71,9 @@ def test_forward_and_ema_is_not_optimised():
     assert all(not p.requires_grad for p in module.model_ema.parameters())
     assert module.run_name == "mobilenet_v1-w0.25-e2-paper"
     # Checkpointed hyperparameters are plain data.
-    assert module.hparams["model"] == {**TINY_SPEC, "depth_mult": 1.0, "placement": "paper", "dropout": None,
-                                       "drop_path_rate": None, "routing": "sigmoid", "width_mult": 0.25}
-    assert isinstance(module.hparams["recipe"], dict)
+    assert module.hparams["model"] == dataclasses.asdict(condconv.ModelSpec(**TINY_SPEC))
+    assert {k: module.hparams["model"][k] for k in TINY_SPEC} == TINY_SPEC
+    assert module.hparams["recipe"] == dataclasses.asdict(Recipe())
 
 
 def test_fit_scales_lr_by_global_batch_steps_schedule_and_updates_ema():

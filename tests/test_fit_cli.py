@@ -14,7 +14,6 @@ from mlflow import MlflowClient
 
 import condconv
 from pipeline.checkpoint import AtomicCheckpointIO, RunCheckpoint, atomic_torch_save
-from pipeline.cli import main as condconv_main
 from pipeline.lightning_cli import build_fit, load_config, run_lightning_cli
 from tests.test_classification import TINY_SPEC, TinyDataModule
 
@@ -290,18 +289,10 @@ def test_atomic_save_keeps_the_old_checkpoint_when_a_write_fails(tmp_path):
     assert oct(path.stat().st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
 
 
-def _make_digits(data_root: Path) -> Path:
-    raw, wds = data_root / "digits-raw", data_root / "digits-wds"
-    assert condconv_main(["data", "digits", str(raw)]) == 0
-    assert condconv_main(["data", "imagenet-to-wds", str(raw), str(wds)]) == 0
-    return wds
-
-
 @pytest.mark.slow
-def test_demo_fit_learns_digits(workdir):
-    """`condconv fit --config tasks/demo/fit.yaml` on freshly made digits shards: well above chance."""
-    wds = _make_digits(workdir / "data")
-    argv = ["fit", "--config", str(REPO / "tasks" / "demo" / "fit.yaml"), "--data.data_dir", str(wds),
+def test_demo_fit_learns_digits(workdir, digits_shards):
+    """`condconv fit --config tasks/demo/fit.yaml` on the digits shards: well above chance (0.1)."""
+    argv = ["fit", "--config", str(REPO / "tasks" / "demo" / "fit.yaml"), "--data.data_dir", str(digits_shards),
             "--mlflow.tracking_uri", f"sqlite:///{workdir}/mlflow.db", "--trainer.enable_progress_bar", "false"]
     assert run_lightning_cli(argv) == 0
     (run,) = _runs(workdir, "condconv-demo")
