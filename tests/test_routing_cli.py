@@ -1,6 +1,7 @@
 """`condconv routing CHECKPOINT` on a model trained by `condconv fit` on the digits; the fit's own report."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -86,8 +87,6 @@ def test_routing_cli_bad_input_is_one_line(workdir: Path, digits_shards: Path, c
     static = workdir / "static.ckpt"
     spec = condconv.ModelSpec(arch="mobilenet_v1", width_mult=0.25, resolution=32, num_classes=10)
     model = condconv.create_model(spec)
-    import dataclasses
-
     torch.save({"hyper_parameters": {"model": dataclasses.asdict(spec)},
                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, static)
     assert condconv_main(["routing", str(static), "--data", str(digits_shards)]) == 2
