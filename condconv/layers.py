@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from condconv.condconv_paths import PATHS, POLICIES, condconv2d, layer_geometry, unfold_conv
+
 __all__ = ["RoutingFn", "CondConv2d", "CondLinear", "ROUTING_KINDS", "init_expert_kernels_"]
 
 # "softmax_anneal": softmax whose temperature the training loop lowers over the first epochs
@@ -118,10 +120,13 @@ class CondConv2d(nn.Module):
         groups: int = 1,
         bias: bool = False,
         num_experts: int = 8,
+        path: str = "auto",
     ) -> None:
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts={num_experts} for CondConv2d; expected >= 1 (use nn.Conv2d for 0)")
+        if path not in POLICIES + PATHS:
+            raise ValueError(f"CondConv2d path {path!r} is not one of {POLICIES + PATHS}")
         if groups < 1 or in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
@@ -134,6 +139,9 @@ class CondConv2d(nn.Module):
         self.dilation = _pair(dilation)
         self.groups = groups
         self.num_experts = num_experts
+        # Execution path (see condconv.condconv_paths): "auto" (shape rules), "measure" (timed once per
+        # shape, cached per process) or a path name to force one. Any path computes the same function.
+        self.path = path
         self.weight = nn.Parameter(
             torch.empty(num_experts, out_channels, in_channels // groups, *self.kernel_size)
         )
@@ -171,46 +179,19 @@ class CondConv2d(nn.Module):
             raise ValueError(f"input has {channels} channels; CondConv2d expects {self.in_channels}")
         _check_routing(routing_weights, batch, self.num_experts)
         routing_weights = routing_weights.to(self.weight.dtype)
-        kernels = self.mixed_kernels(routing_weights)
-        if self.is_pointwise:
-            # [B, out, in] @ [B, in, HW]: one batched matmul, no im2col.
-            out = torch.bmm(kernels.reshape(batch, self.out_channels, channels), x.reshape(batch, channels, -1))
-            out = out.reshape(batch, self.out_channels, height, width)
-        elif torch.compiler.is_compiling():
-            # Inductor cannot handle a group count that depends on a dynamic batch size, so compiled
-            # graphs use im2col + batched matmul, which has static groups.
-            out = self._forward_unfold(x, kernels)
-        else:
-            # Fold the batch into the channel axis: one grouped conv with B x groups groups.
-            out = F.conv2d(
-                x.reshape(1, batch * channels, height, width),
-                kernels.reshape(batch * self.out_channels, *kernels.shape[2:]),
-                None,
-                self.stride,
-                self.padding,
-                self.dilation,
-                self.groups * batch,
-            )
-            out = out.reshape(batch, self.out_channels, out.shape[-2], out.shape[-1])
+        geom, pre_pad = layer_geometry(self)
+        if pre_pad is not None:
+            x = F.pad(x, pre_pad)
+        # The path (grouped conv, bmm, expert outputs, ...) is chosen by shape; see condconv_paths.
+        out = condconv2d(x, routing_weights, self.weight, geom, self.path)
         if self.bias is not None:
             out = out + torch.matmul(routing_weights, self.bias)[:, :, None, None]
         return out
 
     def _forward_unfold(self, x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-        """Per-example conv as im2col + batched matmul: [B, g, out/g, K] @ [B, g, K, L]."""
-        batch, _, height, width = x.shape
-        kh, kw = self.kernel_size
-        padding = self.padding
-        if isinstance(padding, str):
-            padding = (0, 0) if padding == "valid" else tuple(d * (k - 1) // 2 for d, k in zip(self.dilation, self.kernel_size))
-        cols = F.unfold(x, self.kernel_size, self.dilation, padding, self.stride)  # [B, C*kh*kw, L]
-        g = self.groups
-        cols = cols.reshape(batch, g, (self.in_channels // g) * kh * kw, -1)
-        w = kernels.reshape(batch, g, self.out_channels // g, -1)
-        out = torch.matmul(w, cols)  # [B, g, out/g, L]
-        out_h = (height + 2 * padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        out_w = (width + 2 * padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        return out.reshape(batch, self.out_channels, out_h, out_w)
+        """Per-example conv as im2col + batched matmul (the "unfold" path, given mixed kernels)."""
+        geom, pre_pad = layer_geometry(self)
+        return unfold_conv(F.pad(x, pre_pad) if pre_pad is not None else x, kernels, geom)
 
     def extra_repr(self) -> str:
         s = (
@@ -223,6 +204,8 @@ class CondConv2d(nn.Module):
             s += f", groups={self.groups}"
         if self.bias is None:
             s += ", bias=False"
+        if self.path != "auto":
+            s += f", path={self.path}"
         return s
 
 
