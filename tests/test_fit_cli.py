@@ -299,3 +299,26 @@ def test_demo_fit_learns_digits(workdir, digits_shards):
     assert run.data.params["model_name"] == "mobilenet_v1-w0.25-e4-paper"
     assert run.data.metrics["val_top1"] > 0.8 and run.data.metrics["val_top1_ema"] > 0.8  # chance: 0.1
     assert Path(run.data.tags["checkpoint_path"]).is_file()
+
+
+@pytest.mark.slow
+def test_ddp_fit_on_two_processes_logs_one_run_with_the_global_batch(workdir, digits_shards):
+    """`--trainer.devices 2 --trainer.strategy ddp` (gloo on CPU): lr scaled by 2 ranks, one MLflow run."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "pipeline.cli", "fit", "--config", str(REPO / "tasks" / "demo" / "fit.yaml"),
+            "--data.data_dir", str(digits_shards), "--mlflow.tracking_uri", f"sqlite:///{workdir}/mlflow.db",
+            "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
+            "--trainer.enable_progress_bar", "false"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = _runs(workdir, "condconv-demo")
+    params = run.data.params
+    assert params["world_size"] == "2" and params["global_batch_size"] == "128"  # 64 per rank x 2
+    assert float(params["lr_peak"]) == pytest.approx(0.032 * 128 / 256)
+    assert params["steps_per_epoch"] == "3.0"
+    assert {"train_loss", "val_top1", "val_top5", "val_top1_ema"} <= set(run.data.metrics)
+    assert Path(run.data.tags["checkpoint_path"]).is_file()
