@@ -318,7 +318,7 @@ def test_ddp_fit_on_two_processes_logs_one_run_with_the_global_batch(workdir, di
     (run,) = _runs(workdir, "condconv-demo")
     params = run.data.params
     assert params["world_size"] == "2" and params["global_batch_size"] == "128"  # 64 per rank x 2
-    assert float(params["lr_peak"]) == pytest.approx(0.032 * 128 / 256)
+    assert float(params["lr_peak"]) == pytest.approx(0.048 * 128 / 256)
     assert params["steps_per_epoch"] == "3.0"
     assert {"train_loss", "val_top1", "val_top5", "val_top1_ema"} <= set(run.data.metrics)
     assert Path(run.data.tags["checkpoint_path"]).is_file()
