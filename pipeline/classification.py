@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional
 
 import lightning.pytorch as pl
 import torch
