@@ -346,30 +346,71 @@ def _finish_gw(gw: Optional[torch.Tensor], weight: torch.Tensor) -> Optional[tor
     return None if gw is None else gw.to(weight.dtype).view(weight.shape)
 
 
-def _autograd_backward(
-    forward: Callable[..., torch.Tensor],
-) -> Callable[..., tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]]:
-    """Backward by recomputing ``forward`` under autograd (for paths without a hand-written backward)."""
+def _expert_backward(
+    gy: torch.Tensor, x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, chunk: int,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Backward of the expert-output form; recomputes the experts' outputs when gr is needed."""
+    experts, g = geom.num_experts, geom.groups
+    out_g = geom.out_channels // g
+    kshape = weight.shape[2:]
+    w = weight.reshape(experts, g, out_g, *kshape).transpose(0, 1).reshape(g * experts * out_g, *kshape)
+    batch = x.shape[0]
+    out_h, out_w = gy.shape[-2:]
+    gy = gy.reshape(batch, g, 1, out_g * out_h * out_w)
+    need_x, need_r, need_w = needs
+    gr = None
+    if need_r:
+        ys = F.conv2d(x, w, None, geom.stride, geom.padding, geom.dilation, g).reshape(batch, g, experts, -1)
+        gr = (ys * gy).sum(dim=(1, 3))
+    gx = gw = None
+    if need_x or need_w:
+        gys = (r.view(batch, 1, experts, 1) * gy).reshape(batch, g * experts * out_g, out_h, out_w)
+        gx, gw_r, _ = torch.ops.aten.convolution_backward(
+            gys, x, w, None, list(geom.stride), list(geom.padding), list(geom.dilation), False, [0, 0], g,
+            [need_x, need_w, False],
+        )
+        if need_w:
+            gw = gw_r.reshape(g, experts, out_g, *kshape).transpose(0, 1).reshape(weight.shape)
+        if need_x:
+            gx = gx.contiguous(memory_format=_memory_format(x))
+    return gx, gr, gw
 
-    def backward(gy, x, r, weight, geom, chunk, needs):
-        inputs = [t.detach().requires_grad_(n) for t, n in zip((x, r, weight), needs)]
-        with torch.enable_grad():
-            y = forward(*inputs, geom, chunk)
-            wanted = [t for t, n in zip(inputs, needs) if n]
-            grads = iter(torch.autograd.grad(y, wanted, gy) if wanted else ())
-        return tuple(next(grads) if n else None for n in needs)
 
-    return backward
+def _unfold_backward(
+    gy: torch.Tensor, x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, chunk: int,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Backward of im2col + matmul: gK = gy @ cols^T, gcols = K^T @ gy folded back onto x."""
+    batch, channels, height, width = x.shape
+    g = geom.groups
+    wflat = weight.reshape(geom.num_experts, -1)
+    need_x, need_r, need_w = needs
+    cols = F.unfold(x, geom.kernel_size, geom.dilation, geom.padding, geom.stride)
+    cols = cols.reshape(batch, g, -1, cols.shape[-1])  # [B, g, K, L]
+    gym = gy.reshape(batch, g, geom.out_channels // g, -1)  # [B, g, out/g, L]
+    gx = gr = gw = None
+    if need_x:
+        k = _mix(r, wflat).view(batch, g, geom.out_channels // g, -1)
+        gcols = torch.matmul(k.transpose(2, 3), gym).reshape(batch, -1, gym.shape[-1])
+        gx = F.fold(gcols, (height, width), geom.kernel_size, geom.dilation, geom.padding, geom.stride)
+        gx = gx.contiguous(memory_format=_memory_format(x))
+    if need_r or need_w:
+        gk = torch.matmul(gym, cols.transpose(2, 3)).reshape(batch, -1)
+        gr = torch.mm(gk, wflat.t()) if need_r else None
+        gw = torch.mm(r.t(), gk).view(weight.shape) if need_w else None
+    return gx, gr, gw
 
 
 _BACKWARDS = {
     "grouped": _grouped_backward,
     "bmm": _bmm_backward,
-    "expert": _autograd_backward(_expert_forward),
-    "unfold": _autograd_backward(_unfold_forward),
+    "expert": _expert_backward,
+    "unfold": _unfold_backward,
 }
 # Paths whose eager autograd goes through `_MixedKernelConv` (chunked, kernels recomputed in backward);
-# the others are plain differentiable torch code.
+# the others are plain differentiable torch code in eager mode (their hand-written backward serves the
+# compiled custom op and the "measure" timing).
 _CUSTOM_AUTOGRAD = frozenset({"grouped", "bmm"})
 
 
