@@ -92,8 +92,7 @@ def trainer_kwargs_with_conventions(
     ``run_name``); ``callbacks`` (the configured ``checkpoint`` callback among them) are appended to
     ``trainer.callbacks``; a RunCheckpoint without ``dirpath`` gets ``outputs/checkpoints/<run name>``,
     its ``last.ckpt`` companion is added (both are dropped when ``trainer.enable_checkpointing`` is
-    false); `AtomicCheckpointIO` is added
-    unless a CheckpointIO plugin is configured.
+    false); `AtomicCheckpointIO` is added unless a CheckpointIO plugin is configured.
     """
     kwargs = dict(trainer_config)
     run_name = tracking.run_name or _default_run_name(module)
