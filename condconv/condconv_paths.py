@@ -12,13 +12,15 @@ Paths (`PATHS`):
   layout is copied).
 - ``"expert"``: the expert-output form: all experts' outputs with one conv (``E x`` the conv's MADDs),
   then mix the outputs. Needs no per-example kernels; wins only where the output is tiny.
-- ``"unfold"``: im2col + batched matmul. Slow on CPU; kept as a reference and a fallback.
+- ``"unfold"``: im2col + batched matmul. The fastest CPU path for regular (ungrouped) kxk convs at batch
+  > 1; never competitive for depthwise convs (im2col copies each input pixel kh x kw times).
 
-``"grouped"`` and ``"bmm"`` run through a custom autograd function (`_MixedKernelConv`) that processes
-the batch in chunks and recomputes each chunk's kernels in backward instead of saving them: the
-``B x kernel`` tensor is never alive all at once, which bounds memory and, on CPU, keeps each transient
-buffer small enough for the allocator to reuse it (a fresh >32 MiB buffer is mmap'd and page-faulted
-on every call, which cost more than the mixing itself in our measurements, see docs/benchmarks.md).
+``"grouped"``, ``"bmm"`` and ``"unfold"`` run through a custom autograd function (`_MixedKernelConv`) that
+processes the batch in chunks (`chunk_size`) and recomputes each chunk's kernels in backward instead of
+saving them: the ``B x kernel`` tensor is never alive all at once, which bounds memory. On CPU the
+per-chunk kernels and kernel gradients live in reusable per-thread scratch buffers (`_Workspace`): a
+fresh buffer above glibc's mmap threshold is page-faulted on every call, which cost more than the
+mixing itself in our measurements (see docs/benchmarks.md).
 
 Choosing (`resolve_path`): a layer's ``path`` is ``"auto"`` (shape rules, `heuristic_path`), ``"measure"``
 (time each legal path once per (shape, dtype, device, grad), cache the winner in this process's
@@ -31,6 +33,7 @@ size without recompiling, and the fast eager kernels run inside.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -51,6 +54,7 @@ __all__ = [
     "heuristic_path",
     "resolve_path",
     "chunk_size",
+    "release_workspace",
     "condconv2d",
     "path_forward",
     "path_backward",
@@ -144,10 +148,51 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def chunk_size(geom: ConvGeometry, batch: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Examples per chunk: as many as keep one chunk's mixed kernels under the device's buffer budget."""
-    budget = _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cuda"])
-    per_example = geom.kernel_numel * torch.empty((), dtype=dtype).element_size()
-    return max(1, min(batch, budget // max(per_example, 1)))
+    """Examples per chunk: as many as keep one chunk's mixed kernels under the device's buffer budget, but
+    at least ``num_experts`` (each chunk re-reads all E expert kernels to mix its own: fewer examples
+    than experts per chunk would cost more reading than the chunk's kernels cost writing)."""
+    return _chunk_size(geom.kernel_numel, geom.num_experts, batch, dtype.itemsize, device.type)
+
+
+@lru_cache(maxsize=4096)
+def _chunk_size(kernel_numel: int, experts: int, batch: int, itemsize: int, device_type: str) -> int:
+    budget = _CHUNK_BYTES.get(device_type, _CHUNK_BYTES["cuda"])
+    if budget <= 1:  # tests: one example per chunk
+        return 1
+    return max(1, min(batch, max(experts, budget // max(kernel_numel * itemsize, 1))))
+
+
+class _Workspace(threading.local):
+    """Per-thread scratch buffers for the per-chunk kernels and kernel gradients (CPU only).
+
+    A buffer above glibc's mmap threshold (32 MiB at most) is returned to the OS when freed and
+    page-faulted again on the next call, which on the machines we measured cost ~0.5 ms per MiB, more
+    than the mixing itself. The buffers live only inside one forward or backward call of one layer,
+    so one per slot and thread serves every layer. `release_workspace` frees them.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+
+_WORKSPACE = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free this thread's scratch buffers (they are re-made, at the next call's size, when needed)."""
+    _WORKSPACE.buffers.clear()
+
+
+def _scratch(slot: int, shape: tuple[int, ...], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """A [shape] view of a reusable buffer, or None (allocate normally) off CPU or while autograd records."""
+    if like.device.type != "cpu" or torch.is_grad_enabled():
+        return None
+    numel = math.prod(shape)
+    key = (slot, like.dtype)
+    buf = _WORKSPACE.buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _WORKSPACE.buffers[key] = torch.empty(numel, dtype=like.dtype)
+    return buf[:numel].view(shape)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,8 +200,9 @@ def chunk_size(geom: ConvGeometry, batch: int, dtype: torch.dtype, device: torch
 
 
 def _mix(r: torch.Tensor, weight_flat: torch.Tensor) -> torch.Tensor:
-    """Per-example kernels, flat: [c, N] = r [c, E] @ weight [E, N]."""
-    return torch.mm(r, weight_flat)
+    """Per-example kernels, flat: [c, N] = r [c, E] @ weight [E, N] (in scratch memory where possible)."""
+    out = _scratch(0, (r.shape[0], weight_flat.shape[1]), weight_flat)
+    return torch.mm(r, weight_flat) if out is None else torch.mm(r, weight_flat, out=out)
 
 
 def _subsample(x: torch.Tensor, stride: tuple[int, int]) -> torch.Tensor:
@@ -233,7 +279,11 @@ def unfold_conv(x: torch.Tensor, kernels: torch.Tensor, geom: ConvGeometry) -> t
 
 
 def _unfold_forward(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, chunk: int) -> torch.Tensor:
-    return unfold_conv(x, _mix(r, weight.reshape(geom.num_experts, -1)), geom)
+    wflat = weight.reshape(geom.num_experts, -1)
+    batch = x.shape[0]
+    if chunk >= batch:
+        return unfold_conv(x, _mix(r, wflat), geom)
+    return torch.cat([unfold_conv(x[i : i + chunk], _mix(r[i : i + chunk], wflat), geom) for i in range(0, batch, chunk)])
 
 
 _FORWARDS: dict[str, Callable[..., torch.Tensor]] = {
@@ -282,7 +332,8 @@ def _bmm_backward(
                 k = _mix(rc, wflat).view(-1, out_ch, channels)
                 torch.bmm(gyt[i : i + chunk], k, out=gxt[i : i + chunk])
             if need_r or need_w:
-                gk = torch.bmm(gyt[i : i + chunk].transpose(1, 2), xt[i : i + chunk])  # [c, out, C]
+                gyc, xc = gyt[i : i + chunk].transpose(1, 2), xt[i : i + chunk]
+                gk = torch.bmm(gyc, xc, out=_scratch(1, (gyc.shape[0], out_ch, channels), gyc))  # [c, out, C]
                 _mixing_grads(gk.view(gk.shape[0], -1), r, wflat, gr, gw, i)
     else:
         xm = xs.reshape(batch, channels, length)
@@ -296,7 +347,8 @@ def _bmm_backward(
                 k = _mix(rc, wflat).view(-1, out_ch, channels)
                 torch.bmm(k.transpose(1, 2), gym[i : i + chunk], out=gxm[i : i + chunk])
             if need_r or need_w:
-                gk = torch.bmm(gym[i : i + chunk], xm[i : i + chunk].transpose(1, 2))  # [c, out, C]
+                gyc, xc = gym[i : i + chunk], xm[i : i + chunk].transpose(1, 2)
+                gk = torch.bmm(gyc, xc, out=_scratch(1, (gyc.shape[0], out_ch, channels), gyc))  # [c, out, C]
                 _mixing_grads(gk.view(gk.shape[0], -1), r, wflat, gr, gw, i)
     gx = gxs
     if need_x and geom.stride != (1, 1):
@@ -381,25 +433,30 @@ def _unfold_backward(
     gy: torch.Tensor, x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, chunk: int,
     needs: tuple[bool, bool, bool],
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Backward of im2col + matmul: gK = gy @ cols^T, gcols = K^T @ gy folded back onto x."""
+    """Backward of im2col + matmul, per chunk: gK = gy @ cols^T, gcols = K^T @ gy folded back onto x."""
     batch, channels, height, width = x.shape
     g = geom.groups
     wflat = weight.reshape(geom.num_experts, -1)
     need_x, need_r, need_w = needs
-    cols = F.unfold(x, geom.kernel_size, geom.dilation, geom.padding, geom.stride)
-    cols = cols.reshape(batch, g, -1, cols.shape[-1])  # [B, g, K, L]
-    gym = gy.reshape(batch, g, geom.out_channels // g, -1)  # [B, g, out/g, L]
-    gx = gr = gw = None
+    gr = torch.empty_like(r) if need_r else None
+    gw = torch.zeros(wflat.shape, dtype=_acc_dtype(weight.dtype), device=weight.device) if need_w else None
+    gxs = []
+    for i in range(0, batch, chunk):
+        xc = x[i : i + chunk]
+        c = xc.shape[0]
+        gym = gy[i : i + chunk].reshape(c, g, geom.out_channels // g, -1)  # [c, g, out/g, L]
+        if need_x:
+            k = _mix(r[i : i + chunk], wflat).view(c, g, geom.out_channels // g, -1)
+            gcols = torch.matmul(k.transpose(2, 3), gym).reshape(c, -1, gym.shape[-1])
+            gxs.append(F.fold(gcols, (height, width), geom.kernel_size, geom.dilation, geom.padding, geom.stride))
+        if need_r or need_w:
+            cols = F.unfold(xc, geom.kernel_size, geom.dilation, geom.padding, geom.stride)
+            cols = cols.reshape(c, g, -1, cols.shape[-1])  # [c, g, K, L]
+            _mixing_grads(torch.matmul(gym, cols.transpose(2, 3)).reshape(c, -1), r, wflat, gr, gw, i)
+    gx = None
     if need_x:
-        k = _mix(r, wflat).view(batch, g, geom.out_channels // g, -1)
-        gcols = torch.matmul(k.transpose(2, 3), gym).reshape(batch, -1, gym.shape[-1])
-        gx = F.fold(gcols, (height, width), geom.kernel_size, geom.dilation, geom.padding, geom.stride)
-        gx = gx.contiguous(memory_format=_memory_format(x))
-    if need_r or need_w:
-        gk = torch.matmul(gym, cols.transpose(2, 3)).reshape(batch, -1)
-        gr = torch.mm(gk, wflat.t()) if need_r else None
-        gw = torch.mm(r.t(), gk).view(weight.shape) if need_w else None
-    return gx, gr, gw
+        gx = (gxs[0] if len(gxs) == 1 else torch.cat(gxs)).contiguous(memory_format=_memory_format(x))
+    return gx, gr, _finish_gw(gw, weight)
 
 
 _BACKWARDS = {
@@ -409,9 +466,9 @@ _BACKWARDS = {
     "unfold": _unfold_backward,
 }
 # Paths whose eager autograd goes through `_MixedKernelConv` (chunked, kernels recomputed in backward);
-# the others are plain differentiable torch code in eager mode (their hand-written backward serves the
+# "expert" is plain differentiable torch code in eager mode (its hand-written backward serves the
 # compiled custom op and the "measure" timing).
-_CUSTOM_AUTOGRAD = frozenset({"grouped", "bmm"})
+_CUSTOM_AUTOGRAD = frozenset({"grouped", "bmm", "unfold"})
 
 
 def path_forward(path: str, x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, chunk: int) -> torch.Tensor:
@@ -463,6 +520,13 @@ def heuristic_path(geom: ConvGeometry, batch: int, height: int, width: int, grad
         return "expert"
     if geom.is_pointwise:
         return "bmm"
+    if geom.groups == 1 and batch > 1 and device_type == "cpu":
+        # Regular kxk convs: oneDNN runs a conv with B large groups much slower than im2col + batched
+        # matmul (ResNet-50's 3x3 512->512 at 7x7, batch 32 training: ~5x vs ~3x the static conv).
+        return "unfold"
+    # Depthwise/grouped convs (the batch-folded conv is a plain depthwise conv over B x C channels), and
+    # batch 1, where the grouped path is exactly "mix once, then the static conv". On CUDA the grouped
+    # conv is the unmeasured default (no GPU was available to tune these rules).
     return "grouped"
 
 
@@ -534,7 +598,8 @@ def _time_path(path: str, x, r, weight, geom: ConvGeometry, chunk: int, grad: bo
 def measure_path(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, grad: bool) -> str:
     """Time every legal path on these inputs and return the fastest (not cached; see `resolve_path`)."""
     chunk = chunk_size(geom, x.shape[0], x.dtype, x.device)
-    candidates = [p for p in legal_paths(geom) if p != "unfold"]  # unfold never won a measurement
+    # im2col copies every input pixel kh*kw times: never competitive for grouped (e.g. depthwise) convs
+    candidates = [p for p in legal_paths(geom) if p != "unfold" or geom.groups == 1]
     with torch.no_grad():
         times = {p: _time_path(p, x, r, weight, geom, chunk, grad) for p in candidates}
     return min(times, key=times.get)

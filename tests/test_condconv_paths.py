@@ -195,6 +195,8 @@ def test_heuristic_rules() -> None:
     assert cp.heuristic_path(geom(1, stride=2), 32, 14, 14, True, "cpu") == "bmm"
     assert cp.heuristic_path(geom(5, g=16, pad=2), 32, 14, 14, True, "cpu") == "grouped"
     assert cp.heuristic_path(geom(3, pad=1), 1, 7, 7, False, "cpu") == "grouped"
+    assert cp.heuristic_path(geom(3, pad=1), 32, 7, 7, True, "cpu") == "unfold"
+    assert cp.heuristic_path(geom(3, pad=1), 32, 7, 7, True, "cuda") == "grouped"
     # a 1x1 output: the expert-output form is no more work than mixing
     assert cp.heuristic_path(geom(1), 32, 1, 1, True, "cpu") == "expert"
     assert cp.legal_paths(geom(3, pad=1)) == ("grouped", "expert", "unfold")
