@@ -87,6 +87,13 @@ class ConvGeometry:
     groups: int
     num_experts: int
 
+    def __post_init__(self) -> None:
+        # Hashed on every forward (path and chunk caches): compute it once.
+        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f) for f in self.__dataclass_fields__)))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined]
+
     @property
     def kernel_numel(self) -> int:
         """Elements of one example's mixed kernel: out x in/groups x kh x kw."""
@@ -119,7 +126,17 @@ def same_padding(kernel_size: tuple[int, int], dilation: tuple[int, int]) -> tup
 def layer_geometry(layer) -> tuple[ConvGeometry, Optional[tuple[int, int, int, int]]]:
     """A CondConv2d's `ConvGeometry`, and the ``F.pad`` amounts to apply first where its string padding
     ("same" with an even kernel) is asymmetric (else None)."""
-    kernel_size, dilation, padding = layer.kernel_size, layer.dilation, layer.padding
+    return _layer_geometry(
+        layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+        layer.groups, layer.num_experts,
+    )
+
+
+@lru_cache(maxsize=4096)
+def _layer_geometry(
+    in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride: tuple[int, int],
+    padding: tuple[int, int] | str, dilation: tuple[int, int], groups: int, num_experts: int,
+) -> tuple[ConvGeometry, Optional[tuple[int, int, int, int]]]:
     pre_pad = None
     if padding == "valid":
         padding = (0, 0)
@@ -132,8 +149,7 @@ def layer_geometry(layer) -> tuple[ConvGeometry, Optional[tuple[int, int, int, i
     elif isinstance(padding, str):
         raise ValueError(f"padding={padding!r}; expected an int, a pair, 'same' or 'valid'")
     geom = ConvGeometry(
-        layer.in_channels, layer.out_channels, kernel_size, layer.stride, _pair(padding), dilation,
-        layer.groups, layer.num_experts,
+        in_channels, out_channels, kernel_size, stride, _pair(padding), dilation, groups, num_experts
     )
     return geom, pre_pad
 
@@ -151,12 +167,12 @@ def chunk_size(geom: ConvGeometry, batch: int, dtype: torch.dtype, device: torch
     """Examples per chunk: as many as keep one chunk's mixed kernels under the device's buffer budget, but
     at least ``num_experts`` (each chunk re-reads all E expert kernels to mix its own: fewer examples
     than experts per chunk would cost more reading than the chunk's kernels cost writing)."""
-    return _chunk_size(geom.kernel_numel, geom.num_experts, batch, dtype.itemsize, device.type)
+    budget = _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cuda"])
+    return _chunk_size(geom.kernel_numel, geom.num_experts, batch, dtype.itemsize, budget)
 
 
 @lru_cache(maxsize=4096)
-def _chunk_size(kernel_numel: int, experts: int, batch: int, itemsize: int, device_type: str) -> int:
-    budget = _CHUNK_BYTES.get(device_type, _CHUNK_BYTES["cuda"])
+def _chunk_size(kernel_numel: int, experts: int, batch: int, itemsize: int, budget: int) -> int:
     if budget <= 1:  # tests: one example per chunk
         return 1
     return max(1, min(batch, max(experts, budget // max(kernel_numel * itemsize, 1))))
@@ -184,15 +200,19 @@ def release_workspace() -> None:
 
 
 def _scratch(slot: int, shape: tuple[int, ...], like: torch.Tensor) -> Optional[torch.Tensor]:
-    """A [shape] view of a reusable buffer, or None (allocate normally) off CPU or while autograd records."""
-    if like.device.type != "cpu" or torch.is_grad_enabled():
-        return None
+    """A [shape] view of a reusable buffer, or None (allocate normally) off CPU, while autograd records,
+    or for buffers small enough that the allocator reuses them anyway."""
     numel = math.prod(shape)
+    if numel < _SCRATCH_MIN_NUMEL or like.device.type != "cpu" or torch.is_grad_enabled():
+        return None
     key = (slot, like.dtype)
     buf = _WORKSPACE.buffers.get(key)
     if buf is None or buf.numel() < numel:
         buf = _WORKSPACE.buffers[key] = torch.empty(numel, dtype=like.dtype)
     return buf[:numel].view(shape)
+
+
+_SCRATCH_MIN_NUMEL = 2**20  # below ~4 MiB, glibc's heap reuses freed buffers: plain allocation is cheaper
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -225,6 +245,8 @@ def _bmm_forward(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, geom: C
             torch.bmm(xt[i : i + chunk], k.transpose(1, 2), out=yt[i : i + chunk])
         return y
     xm = xs.reshape(batch, channels, length)
+    if chunk >= batch:
+        return torch.bmm(_mix(r, wflat).view(batch, out_ch, channels), xm).view(batch, out_ch, height, width)
     y = torch.empty(batch, out_ch, height, width, dtype=x.dtype, device=x.device)
     ym = y.view(batch, out_ch, length)
     for i in range(0, batch, chunk):
