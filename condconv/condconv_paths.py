@@ -688,8 +688,11 @@ def _cond_conv2d_op(
 
 @_cond_conv2d_op.register_fake
 def _(x, r, weight, stride, padding, dilation, groups, policy):
-    geom = _geometry(x, weight, stride, padding, dilation, groups)
-    out_h, out_w = geom.out_size(x.shape[2], x.shape[3])
+    # Shapes may be symbolic here (no ConvGeometry: it hashes its fields).
+    out_h, out_w = (
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, k, s, p, d in zip(x.shape[2:], weight.shape[3:], stride, padding, dilation)
+    )
     return x.new_empty(x.shape[0], weight.shape[1], out_h, out_w).contiguous(memory_format=_memory_format(x))
 
 
