@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Optional
 
 __all__ = ["register", "mlflow_ui_command"]
@@ -11,7 +12,8 @@ def mlflow_ui_command(tracking_uri: str) -> str:
     """The command that opens the MLflow UI on a tracking store (loopback only)."""
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+    # The interpreter running condconv has mlflow installed, whether or not a venv is activated.
+    return f"{sys.executable} -m mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
 
 
 def main_sweep(
