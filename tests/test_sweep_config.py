@@ -97,3 +97,11 @@ def test_cli_dry_run_and_one_line_error(tmp_path: Path, digits_shards: Path, cap
     assert main(["sweep", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert "num_experts=-1" in err and len(err.splitlines()) == 1
+
+
+def test_imagenet_table1_sweep_expands_to_the_papers_ten_runs() -> None:
+    trials = expand_trials(load_sweep(REPO / "tasks" / "sweeps" / "imagenet.yaml"))
+    pairs = {(t.config["model"]["model"]["arch"], t.config["model"]["model"]["num_experts"]) for t in trials}
+    archs = {"mobilenet_v1", "mobilenet_v2", "mnasnet_a1", "resnet50", "efficientnet_b0"}
+    assert pairs == {(a, e) for a in archs for e in (0, 8)}
+    assert all(t.config["model"]["model"]["placement"] == "paper" for t in trials)
