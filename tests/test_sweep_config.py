@@ -104,4 +104,4 @@ def test_imagenet_table1_sweep_expands_to_the_papers_ten_runs() -> None:
     pairs = {(t.config["model"]["model"]["arch"], t.config["model"]["model"]["num_experts"]) for t in trials}
     archs = {"mobilenet_v1", "mobilenet_v2", "mnasnet_a1", "resnet50", "efficientnet_b0"}
     assert pairs == {(a, e) for a in archs for e in (0, 8)}
-    assert all(t.config["model"]["model"]["placement"] == "paper" for t in trials)
+    assert all(t.config["model"]["model"].get("placement", "paper") == "paper" for t in trials)
