@@ -91,11 +91,11 @@ def test_chunked_paths_match_reference(path: str, seed: int, tiny_chunks: None) 
     check_against_reference(layer, x, r)
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kernel_size,groups", [(1, 1), (3, 1), (3, 4), (5, 16)])
+@pytest.mark.parametrize(
+    "path,kernel_size,groups",
+    [(p, k, g) for p in PATHS for k, g in [(1, 1), (3, 1), (3, 4), (5, 16)] if p != "bmm" or (k, g) == (1, 1)],
+)
 def test_forced_path_float32_within_1e5(path: str, kernel_size: int, groups: int) -> None:
-    if path == "bmm" and (kernel_size, groups) != (1, 1):
-        pytest.skip("bmm is for 1x1 ungrouped convs")
     torch.manual_seed(0)
     layer = CondConv2d(16, 16, kernel_size, padding=kernel_size // 2, groups=groups, num_experts=8, path=path)
     x, r = torch.randn(7, 16, 10, 10), torch.rand(7, 8)
@@ -104,12 +104,17 @@ def test_forced_path_float32_within_1e5(path: str, kernel_size: int, groups: int
     check_against_reference(layer, x, r, atol=1e-5, rtol=1e-5, grad_tol=1e-4)
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("kernel_size,stride,groups", [(1, 1, 1), (1, 2, 1), (3, 2, 1), (5, 1, 12)])
+@pytest.mark.parametrize(
+    "path,kernel_size,stride,groups",
+    [
+        (p, k, st, g)
+        for p in PATHS
+        for k, st, g in [(1, 1, 1), (1, 2, 1), (3, 2, 1), (5, 1, 12)]
+        if p != "bmm" or (k, g) == (1, 1)  # bmm is for 1x1 ungrouped convs
+    ],
+)
 def test_channels_last_input(path: str, kernel_size: int, stride: int, groups: int) -> None:
     """channels_last input: same numbers (gradients too) and a channels_last output, as nn.Conv2d gives."""
-    if path == "bmm" and (kernel_size, groups) != (1, 1):
-        pytest.skip("bmm is for 1x1 ungrouped convs")
     torch.manual_seed(1)
     layer = CondConv2d(12, 24, kernel_size, stride, kernel_size // 2, groups=groups, num_experts=4, path=path).double()
     x = torch.randn(3, 12, 9, 9, dtype=torch.double).to(memory_format=torch.channels_last)
