@@ -35,6 +35,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from pipeline.checkpoint import AtomicCheckpointIO, RunCheckpoint, default_checkpoint_dir
+from pipeline.config_merge import deep_merge
 from pipeline.classification import ClassificationModule, DataMismatchError
 from pipeline.tracking import TrackingConfig, make_logger
 
@@ -263,16 +264,6 @@ class FitParts:
         return trainer
 
 
-def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_merge(dict(out[key]), value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def load_config(*paths: str | os.PathLike, overrides: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """Read YAML configs (later ones override earlier ones key by key) and nested ``overrides``.
 
@@ -280,8 +271,8 @@ def load_config(*paths: str | os.PathLike, overrides: Optional[Mapping[str, Any]
     """
     config: dict[str, Any] = {}
     for path in paths:
-        config = _deep_merge(config, yaml.safe_load(Path(path).read_text()) or {})
-    return _deep_merge(config, overrides or {})
+        config = deep_merge(config, yaml.safe_load(Path(path).read_text()) or {})
+    return deep_merge(config, overrides or {})
 
 
 def build_fit(

@@ -25,9 +25,11 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import yaml
+
+from pipeline.config_merge import deep_merge
 
 __all__ = [
     "SweepError",
@@ -133,16 +135,6 @@ def _canonical_key(key: str) -> str:
     return f"model.model.{key}" if key in MODEL_ALIASES else key
 
 
-def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_merge(dict(out[key]), value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def _dataclass_from(cls: type, raw: Any, section: str, path: Optional[Path]) -> Any:
     if raw is None:
         return cls()
@@ -224,7 +216,7 @@ def load_sweep(path: str | Path, name: Optional[str] = None) -> SweepConfig:
         loaded = yaml.safe_load(base_path.read_text()) or {}
         if not isinstance(loaded, Mapping):
             raise _fail(path, f"base config {str(base)!r} is not a mapping")
-        base_config = _deep_merge(base_config, loaded)
+        base_config = deep_merge(base_config, loaded)
 
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, Mapping):
