@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,7 +197,6 @@ def _get_or_create_child_run(
 
 def trial_driver(config: dict[str, Any]) -> None:
     """Tune trial: get/create the MLflow child run, then run the trial's DDP job as a TorchTrainer."""
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback

@@ -21,7 +21,7 @@ def main_sweep(
     verbose: int = 1, dry_run: bool = False,
 ) -> int:
     """Run (or resume, or with ``dry_run`` only validate) a sweep file and print its results."""
-    from pipeline.sweep import absolute_tracking_uri, format_outcomes, prepare_trials, run_sweep
+    from pipeline.sweep import format_outcomes, prepare_trials, run_sweep
     from pipeline.sweep_config import load_sweep
 
     sweep = load_sweep(file, name=name)
@@ -38,7 +38,7 @@ def main_sweep(
     print(f"\nTrials of sweep {result.name} (MLflow parent run {result.parent_run_id}):\n")
     print(format_outcomes(result))
     if result.frontier_table:
-        print(f"\nAccuracy-vs-MADD frontier (val top-1; static = width scaling, condconv = experts):\n")
+        print("\nAccuracy-vs-MADD frontier (val top-1; static = width scaling, condconv = experts):\n")
         print(result.frontier_table + "\n")
         for kind, path in result.frontier_paths.items():
             print(f"frontier {kind}: {path}")

@@ -1,7 +1,6 @@
 """`CondConvNet`: the common shape of every backbone (stem -> body blocks -> head -> classifier)."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
