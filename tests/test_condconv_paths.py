@@ -7,7 +7,6 @@ from typing import Optional
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from condconv import CondConv2d
 from condconv import condconv_paths as cp
