@@ -1,8 +1,10 @@
 """Side-by-side timing for the benchmarks: interleaved repetitions, medians, per-repetition ratios.
 
 The machines these run on are shared and noisy, so variants are never timed in separate blocks: each
-repetition runs every variant once (in a rotating order), and a ratio is the median over repetitions
-of the ratio *within* one repetition. Its spread (interquartile range) is printed as the noise.
+repetition runs every variant once, in a fresh random order (a fixed or rotating order gives each
+variant the same predecessor every time, and a predecessor that leaves the shared input in cache, or
+flushes it, biased ratios by up to 20% at batch 1), and a ratio is the median over repetitions of the
+ratio *within* one repetition. Its spread (interquartile range) is printed as the noise.
 
 Clocks: ``wall`` (perf_counter) or ``thread`` (CPU seconds of the calling thread, `time.thread_time`).
 With one torch thread on CPU every kernel runs on the calling thread, so the thread clock counts all
@@ -12,6 +14,7 @@ loaded 2-core machine it is several times less noisy than the wall clock.
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -55,17 +58,18 @@ def interleaved(
     fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1, sync: Optional[Callable[[], None]] = None,
     clock: str = "wall",
 ) -> Timings:
-    """Time each callable ``reps`` times, interleaved (rotating the order each repetition), after ``warmup``."""
+    """Time each callable ``reps`` times, interleaved (a seeded random order each repetition), after ``warmup``."""
     sync = sync or (lambda: None)
     now = CLOCKS[clock]
     names = list(fns)
+    rng = random.Random(0)
     for _ in range(warmup):
         for name in names:
             fns[name]()
     sync()
     out = Timings({name: [] for name in names})
     for rep in range(reps):
-        order = names[rep % len(names):] + names[: rep % len(names)]
+        order = rng.sample(names, len(names))
         for name in order:
             start = now()
             fns[name]()
