@@ -1,6 +1,7 @@
 """`CondConvNet`: the common shape of every backbone (stem -> body blocks -> head -> classifier)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -8,7 +9,16 @@ from torch import nn
 
 from condconv.layers import CondConv2d, CondLinear, RoutingFn, init_expert_kernels_
 
-__all__ = ["CondConvNet", "init_weights", "channels_last_"]
+__all__ = ["CondConvNet", "FeatureInfo", "init_weights", "channels_last_"]
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One feature map a backbone can return: block ``index`` (``len(blocks)`` = after the head), channels, stride."""
+
+    index: int
+    channels: int
+    stride: int
 
 
 class CondConvNet(nn.Module):
@@ -34,15 +44,46 @@ class CondConvNet(nn.Module):
         self.classifier = classifier
         self.block_channels = list(block_channels)
         self.block_strides = list(block_strides)
+        # Kept apart from the classifier, which a detector replaces.
+        self._num_features = int(classifier.in_features)
 
     @property
     def num_features(self) -> int:
-        """Channels entering the classifier."""
-        return self.classifier.in_features
+        """Channels entering the classifier (the head's output channels)."""
+        return self._num_features
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Features before pooling: stem, body blocks, head."""
         return self.head(self.blocks(self.stem(x)))
+
+    @property
+    def feature_info(self) -> list[FeatureInfo]:
+        """Every feature map `forward_features_multiscale` can return: one per body block, then the head output."""
+        info = [FeatureInfo(i, c, s) for i, (c, s) in enumerate(zip(self.block_channels, self.block_strides))]
+        info.append(FeatureInfo(len(self.block_channels), self.num_features, self.block_strides[-1]))
+        return info
+
+    def forward_features_multiscale(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
+        """Feature maps after the body blocks at ``indices`` (``len(blocks)``: after the head), in that order.
+
+        Stops after the deepest requested block, so a detector pays only for the layers it uses.
+        """
+        last = len(self.blocks)
+        bad = [i for i in indices if not 0 <= i <= last]
+        if bad or not indices:
+            raise ValueError(f"feature indices {list(indices)}; expected a non-empty list of ints in [0, {last}]")
+        wanted = set(indices)
+        found: dict[int, torch.Tensor] = {}
+        x = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            if i > max(wanted):
+                break
+            x = block(x)
+            if i in wanted:
+                found[i] = x
+        if last in wanted:
+            found[last] = self.head(x)
+        return [found[i] for i in indices]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, num_classes]."""
