@@ -104,14 +104,78 @@ def _add_imagenet_to_wds(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_imagenet_to_wds)
 
 
+# -- condconv data shapes / coco-to-wds -----------------------------------------------------------
+
+
+def _shapes(args: argparse.Namespace) -> int:
+    from pipeline.data.shapes import write_shapes
+
+    counts = write_shapes(args.dst, num_train=args.num_train, num_val=args.num_val, size=args.size,
+                          seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote {counts['train2017']} train and {counts['val2017']} val shape images (COCO format) to {args.dst}")
+    return 0
+
+
+def _add_shapes(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "shapes",
+        help="write a synthetic COCO-format detection set (the detection demo data)",
+        description="Write circles, squares and triangles on textured backgrounds as DST/{train2017,val2017}/*.jpg "
+        "and DST/annotations/instances_{train2017,val2017}.json (COCO format, seeded; with empty images and "
+        "crowd regions), for `condconv data coco-to-wds`.",
+    )
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--num-train", type=_positive_int, default=400, help="train images (default: 400)")
+    p.add_argument("--num-val", type=_positive_int, default=100, help="val images (default: 100)")
+    p.add_argument("--size", type=_positive_int, default=128, help="image side in pixels (default: 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
+    p.set_defaults(func=_shapes)
+
+
+def _coco_to_wds(args: argparse.Namespace) -> int:
+    from pipeline.data.coco_wds import convert_coco_to_wds
+
+    manifest = convert_coco_to_wds(args.src, args.dst, splits=args.splits, shard_size=args.shard_size,
+                                   seed=args.seed, overwrite=args.overwrite)
+    for name, split in manifest.splits.items():
+        print(
+            f"{name}: {split.num_images} images ({split.num_empty_images} without boxes) in {len(split.shards)} "
+            f"shard(s); {split.num_annotations} boxes ({split.num_crowd} crowd); {split.num_clipped_boxes} clipped "
+            f"to their image, {split.num_dropped_boxes} dropped (no area)"
+        )
+    print(f"{manifest.num_classes} categories; manifest: {args.dst}/manifest.json")
+    return 0
+
+
+def _add_coco_to_wds(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "coco-to-wds",
+        help="convert COCO-format detection data into webdataset tar shards + manifest.json",
+        description="Convert SRC/annotations/instances_<split>.json with images in SRC/<split>/ into "
+        "DST/<split>-NNNNNN.tar and DST/manifest.json (category map, counts). Empty images and crowd boxes are "
+        "kept (as COCO evaluation expects); boxes outside their image are clipped, boxes without area dropped, "
+        "both counted. A json that is not COCO, unknown category or image ids and missing images are errors.",
+    )
+    p.add_argument("src", help="COCO folder: annotations/instances_<split>.json and <split>/ image folders")
+    p.add_argument("dst", help="output directory for the shards and manifest.json")
+    p.add_argument("--splits", nargs="+", default=None, help="splits to convert (default: every instances_*.json)")
+    p.add_argument("--shard-size", type=_positive_int, default=1000, help="images per shard (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train image shuffle across shards (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in DST")
+    p.set_defaults(func=_coco_to_wds)
+
+
 # -- registration -------------------------------------------------------------------------------
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_digits, _add_imagenet_to_wds]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_digits, _add_imagenet_to_wds, _add_shapes, _add_coco_to_wds,
+]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `condconv data` and its sub-commands to the top-level CLI."""
-    parser = subparsers.add_parser("data", help="prepare datasets (demo digits, ImageNet -> webdataset shards)")
+    parser = subparsers.add_parser("data", help="prepare datasets (demo digits and shapes, ImageNet and COCO -> webdataset shards)")
     sub = parser.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     for add in _COMMANDS:
         add(sub)
