@@ -208,7 +208,10 @@ def _scratch(slot: int, shape: tuple[int, ...], like: torch.Tensor) -> Optional[
     key = (slot, like.dtype)
     buf = _WORKSPACE.buffers.get(key)
     if buf is None or buf.numel() < numel:
-        buf = _WORKSPACE.buffers[key] = torch.empty(numel, dtype=like.dtype)
+        # A normal tensor even under inference_mode (Lightning's validation): an inference tensor
+        # could not be written later under plain no_grad (count_madds, a routing report).
+        with torch.inference_mode(False):
+            buf = _WORKSPACE.buffers[key] = torch.empty(numel, dtype=like.dtype)
     return buf[:numel].view(shape)
 
 
