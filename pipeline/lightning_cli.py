@@ -1,10 +1,10 @@
 """`condconv fit|validate|test`: LightningCLI with this project's defaults, and `build_fit` for the sweep.
 
 A config has the top-level blocks ``model`` (ClassificationModule: ``model`` = the ModelSpec,
-``recipe``, ``ema_decay`` ...), ``data`` (ShardDataModule), ``trainer`` (lightning.Trainer),
-``mlflow`` (pipeline.tracking.TrackingConfig), ``checkpoint`` (pipeline.checkpoint.RunCheckpoint)
-and ``seed_everything``; ``fit`` also takes ``ckpt_path`` to resume. Conventions applied on top of
-what the config says (see `trainer_kwargs_with_conventions`):
+``recipe``, ``ema_decay`` ...), ``data`` (ShardDataModule; FFCVDataModule with ``format: ffcv``),
+``trainer`` (lightning.Trainer), ``mlflow`` (pipeline.tracking.TrackingConfig), ``checkpoint``
+(pipeline.checkpoint.RunCheckpoint) and ``seed_everything``; ``fit`` also takes ``ckpt_path`` to
+resume. Conventions applied on top of what the config says (see `trainer_kwargs_with_conventions`):
 
 - ``trainer.logger`` left null: an MLflow logger from the ``mlflow`` block, run name = spec name;
 - ``checkpoint.dirpath`` left null: ``outputs/checkpoints/<run name>``;
@@ -201,10 +201,11 @@ def _cli_kwargs(model_class: type, datamodule_class: type) -> dict[str, Any]:
     )
 
 
-def _default_datamodule_class() -> type:
-    from pipeline.data import ShardDataModule
+def _default_datamodule_class() -> Any:
+    # A function: `data.format` picks ShardDataModule (wds) or FFCVDataModule (ffcv).
+    from pipeline.data.formats import classification_data
 
-    return ShardDataModule
+    return classification_data
 
 
 def _one_line(err: BaseException) -> str:

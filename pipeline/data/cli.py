@@ -10,6 +10,8 @@ import argparse
 import sys
 from typing import Callable
 
+from pipeline.data.ffcv_cli import add_imagenet_to_ffcv, add_wds_to_ffcv
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -169,13 +171,13 @@ def _add_coco_to_wds(sub: argparse._SubParsersAction) -> None:
 # -- registration -------------------------------------------------------------------------------
 
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_digits, _add_imagenet_to_wds, _add_shapes, _add_coco_to_wds,
+    _add_digits, _add_imagenet_to_wds, add_imagenet_to_ffcv, add_wds_to_ffcv, _add_shapes, _add_coco_to_wds,
 ]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `condconv data` and its sub-commands to the top-level CLI."""
-    parser = subparsers.add_parser("data", help="prepare datasets (demo digits and shapes, ImageNet and COCO -> webdataset shards)")
+    parser = subparsers.add_parser("data", help="prepare datasets (demo digits and shapes, ImageNet and COCO -> webdataset shards, ImageNet -> FFCV)")
     sub = parser.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     for add in _COMMANDS:
         add(sub)

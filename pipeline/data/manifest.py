@@ -1,5 +1,9 @@
 """`manifest.json`: what a directory of webdataset shards holds (classes, counts, shards, checksums).
 
+The same file describes a directory of FFCV `.beton` files (one per split, listed as that
+split's only shard; `format` says which kind of files a directory holds, `ffcv` how they were
+written).
+
 The manifest lets a data module know the number of classes and samples before opening a single
 shard (the model checks `num_classes`, DDP needs `num_train` to fix the batches per epoch), and lets
 anyone verify a copy of the shards with sha256.
@@ -14,6 +18,7 @@ from typing import Any
 
 __all__ = [
     "MANIFEST_FORMAT",
+    "MANIFEST_FORMAT_FFCV",
     "MANIFEST_NAME",
     "Manifest",
     "ShardInfo",
@@ -25,6 +30,8 @@ __all__ = [
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "condconv-wds/1"
+MANIFEST_FORMAT_FFCV = "condconv-ffcv/1"
+_MANIFEST_FORMATS = (MANIFEST_FORMAT, MANIFEST_FORMAT_FFCV)
 
 
 def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -88,6 +95,7 @@ class Manifest:
     max_side: int | None = None
     shard_size: int | None = None
     seed: int | None = None
+    ffcv: dict[str, Any] | None = None  # FFCV writer options (FFCV directories only)
 
     @property
     def num_classes(self) -> int:
@@ -118,13 +126,15 @@ class Manifest:
         order = [
             "format", "num_classes", "classes", "image_formats", "source", "max_side", "shard_size", "seed", "splits",
         ]  # fmt: skip
+        if self.ffcv is not None:
+            order.insert(-1, "ffcv")
         return {k: out[k] for k in order}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
         """Parse the on-disk dict; unknown format versions are refused."""
-        if d.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"unsupported manifest format {d.get('format')!r}; expected {MANIFEST_FORMAT!r}")
+        if d.get("format") not in _MANIFEST_FORMATS:
+            raise ValueError(f"unsupported manifest format {d.get('format')!r}; expected one of {list(_MANIFEST_FORMATS)}")
         splits = {}
         for name, s in d["splits"].items():
             shards = [ShardInfo(**sh) for sh in s["shards"]]
@@ -137,6 +147,7 @@ class Manifest:
             max_side=d.get("max_side"),
             shard_size=d.get("shard_size"),
             seed=d.get("seed"),
+            ffcv=d.get("ffcv"),
         )
 
     def save(self, path: str | os.PathLike) -> None:

@@ -1,0 +1,199 @@
+"""FFCV loading for one split on one rank: the `.beton` check, the pipelines, the rank order, the batches.
+
+Imports ffcv at module level: import it only after `pipeline.data.ffcv_install.require_ffcv()`.
+
+* Pipelines are FFCV's ImageNet ones. Train: `RandomResizedCropRGBImageDecoder` (scale 0.08-1,
+  ratio 3/4-4/3, as torchvision's RandomResizedCrop) + `RandomHorizontalFlip`; val (and train with
+  `augment="none"`): `CenterCropRGBImageDecoder` with ratio `image_size / val_resize` (the centre
+  square of side `ratio x shorter side`, resized: torchvision's Resize + CenterCrop up to rounding).
+  Then normalisation with the ImageNet mean/std and `ToTensor`/`ToTorchImage`: on CPU with FFCV's
+  `NormalizeImage` inside the loader threads; on CUDA the uint8 batch goes `ToDevice` and is
+  normalised there by torch (FFCV's own GPU normalisation would need cupy).
+* Ranks: `RankOrder` gives rank `r` of `W` the positions `r, r + W, ...` of an order that all ranks
+  share (train: a permutation seeded by `(seed, epoch)`, cut to `num_samples // W` per rank, so
+  every rank runs `num_samples // (W x batch_size)` full batches; val: the stored order, every
+  sample exactly once). This is `distributed=True` of FFCV (a `DistributedSampler`) without the
+  padding, with the rank given explicitly instead of read from `torch.distributed`.
+* Batches: FFCV reuses a ring of `batches_ahead + 2` output buffers, and Lightning holds one batch
+  more than a plain loop (it prefetches the next batch before the step), so `FFCVBatches` copies each
+  batch out of the ring before handing it on; the normalisation on CUDA makes that copy anyway.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.loader import Loader
+from ffcv.reader import Reader
+from ffcv.traversal_order.base import TraversalOrder
+from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+from pipeline.data.imagenet_ffcv import BETON_FIELDS
+from pipeline.data.manifest import ShardInfo
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["FFCV_AUGMENTS", "FFCVBatches", "RankOrder", "check_beton", "make_loader"]
+
+FFCV_AUGMENTS = ("standard", "none")
+_REMAKE = "re-create it with `condconv data imagenet-to-ffcv` or `condconv data wds-to-ffcv`"
+
+
+def check_beton(path: str, expected: ShardInfo | None = None) -> Reader:
+    """Open `path` with FFCV's `Reader` and check it is a whole `.beton` of this project; one-line `ValueError` if not.
+
+    Checks the header, the fields (`image`, `label`), the sample count and size against the
+    manifest, and that every sample's data lies inside the file, so a truncated or foreign file is
+    refused here instead of crashing (or silently misreading) inside FFCV's compiled loader. The
+    image bytes themselves are not hashed (use `Manifest.verify` for that).
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist; {_REMAKE}")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a file; expected an FFCV .beton")
+    size = os.path.getsize(path)
+    if expected is not None and size != expected.size:
+        raise ValueError(
+            f"{path} has {size} bytes but its manifest says {expected.size}: the file is truncated or "
+            f"replaced; {_REMAKE}"
+        )
+    try:
+        reader = Reader(path)
+    except Exception as err:  # numpy errors, AssertionError (version), KeyError (field type) ...
+        raise ValueError(f"{path} is not an FFCV .beton ({type(err).__name__}: {' '.join(str(err).split())}); "
+                         f"{_REMAKE}") from None
+    if tuple(reader.field_names) != BETON_FIELDS:
+        raise ValueError(f"{path} has fields {reader.field_names}, expected {list(BETON_FIELDS)}; {_REMAKE}")
+    if expected is not None and int(reader.num_samples) != expected.num_samples:
+        raise ValueError(
+            f"{path} holds {int(reader.num_samples)} samples but its manifest says {expected.num_samples}; {_REMAKE}"
+        )
+    table = reader.alloc_table
+    image = reader.metadata["f0"]
+    if (len(reader.metadata) != int(reader.num_samples)
+            or len(table) == 0
+            or np.any(table["ptr"] + table["size"] > size)
+            or not np.all(np.isin(image["data_ptr"], table["ptr"]))):  # fmt: skip
+        raise ValueError(f"{path} is damaged (its sample table points outside the file); {_REMAKE}")
+    return reader
+
+
+class RankOrder(TraversalOrder):
+    """FFCV traversal order for rank `rank` of `world_size`: equal train shares, exactly-once val.
+
+    FFCV builds a custom order by calling the instance with the loader (`order(loader)`), so the
+    constructor takes only the rank parameters and `__call__` binds the loader.
+    """
+
+    def __init__(self, rank: int, world_size: int, shuffle: bool, seed: int) -> None:  # noqa: D107
+        # TraversalOrder.__init__ needs the loader, which FFCV passes later to __call__.
+        self.rank, self.world_size, self.shuffle, self.seed = rank, world_size, shuffle, seed
+        self.indices = np.empty(0, dtype=np.int64)
+
+    def __call__(self, loader: Loader) -> "RankOrder":
+        """Bind to `loader` (its `indices`); FFCV calls this once, in `Loader.__init__`."""
+        self.loader = loader
+        self.indices = np.asarray(loader.indices)
+        self.distributed = self.world_size > 1
+        self.sampler = None
+        return self
+
+    def sample_order(self, epoch: int) -> Sequence[int]:
+        """This rank's sample indices for `epoch`."""
+        indices = self.indices
+        if not self.shuffle:
+            return indices[self.rank :: self.world_size]
+        # The same permutation on every rank (seeded by seed and epoch), then disjoint equal shares.
+        indices = np.random.default_rng([self.seed, epoch]).permutation(indices)
+        per_rank = len(indices) // self.world_size
+        return indices[self.rank :: self.world_size][:per_rank]
+
+
+def _pipelines(train: bool, augment: str, image_size: int, val_resize: int,
+               device: torch.device) -> dict[str, list]:
+    size = (image_size, image_size)
+    if train and augment == "standard":
+        image: list = [RandomResizedCropRGBImageDecoder(size), RandomHorizontalFlip()]
+    else:
+        image = [CenterCropRGBImageDecoder(size, ratio=image_size / val_resize)]
+    label: list = [IntDecoder(), ToTensor(), Squeeze(1)]
+    if device.type == "cpu":
+        mean, std = np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255
+        image += [NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
+    else:
+        image += [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage()]
+        label += [ToDevice(device, non_blocking=True)]
+    return {"image": image, "label": label}
+
+
+def make_loader(
+    path: str,
+    *,
+    train: bool,
+    batch_size: int,
+    num_workers: int,
+    image_size: int,
+    val_resize: int,
+    augment: str = "standard",
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    os_cache: bool = True,
+    batches_ahead: int = 3,
+    device: torch.device | str = "cpu",
+) -> Loader:
+    """An FFCV `Loader` over the `.beton` at `path` for one split on one rank (see the module docstring).
+
+    Train drops the last partial batch (equal batch counts on every rank); val keeps it.
+    `num_workers` is FFCV's number of threads (at least 1).
+    """
+    if augment not in FFCV_AUGMENTS:
+        raise ValueError(f"train_augment must be one of {list(FFCV_AUGMENTS)} with format 'ffcv', got {augment!r}")
+    device = torch.device(device)
+    return Loader(
+        path,
+        batch_size=batch_size,
+        num_workers=max(1, num_workers),
+        os_cache=os_cache,
+        order=RankOrder(rank, world_size, shuffle=train, seed=seed),
+        seed=seed,
+        pipelines=_pipelines(train, augment, image_size, val_resize, device),
+        drop_last=train,
+        batches_ahead=batches_ahead,
+    )
+
+
+class FFCVBatches:
+    """Iterable of `(images float32 [B,3,H,W], labels int64 [B])` over an FFCV `Loader`, with a `len`.
+
+    Each `iter()` starts the epoch `epoch_fn()` returns (the Trainer's current epoch, so a resumed
+    run continues the same shuffle sequence); without one, each `iter()` is the next epoch.
+    Batches are copied out of FFCV's reused buffers (see the module docstring); on CUDA they are
+    normalised there. Images are channels-last in memory, as FFCV makes them.
+    """
+
+    def __init__(self, loader: Loader, device: torch.device | str = "cpu",
+                 epoch_fn: Callable[[], int | None] | None = None) -> None:
+        self.loader = loader
+        self.device = torch.device(device)
+        self._epoch_fn = epoch_fn
+        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self._epoch_fn() if self._epoch_fn is not None else None
+        if epoch is not None:
+            self.loader.next_epoch = epoch
+        for images, labels in self.loader:
+            if self.device.type == "cpu":
+                images = images.clone()  # already normalised by FFCV; keeps its channels-last layout
+            else:
+                images = images.float().sub_(self._mean).div_(self._std)
+            yield images, labels.clone()
