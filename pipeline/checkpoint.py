@@ -70,10 +70,22 @@ def _is_local(path: _PATH) -> bool:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """TorchCheckpointIO whose local saves are atomic (temp file + fsync + ``os.replace``).
+    """TorchCheckpointIO whose local saves are atomic and whose loads never unpickle code.
 
-    Remote paths (``s3://`` ...) fall back to Lightning's own fsspec-transaction save.
+    Saves: temp file + fsync + ``os.replace`` (remote paths such as ``s3://`` fall back to
+    Lightning's own fsspec-transaction save). Loads: always ``torch.load(weights_only=True)``,
+    whatever the caller asks and whatever torch's default (False before torch 2.6): a checkpoint
+    is data, and one from a shared bucket must not be able to run code. Our checkpoints hold only
+    tensors and plain Python values, so nothing is lost.
     """
+
+    def load_checkpoint(self, path: _PATH, map_location: Optional[Any] = lambda storage, loc: storage,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Load ``path`` with ``weights_only=True`` (a request for ``False`` is refused)."""
+        if weights_only is False:
+            raise ValueError(f"refusing to load {path} with weights_only=False: checkpoints are loaded as "
+                             "data only (torch.load(weights_only=True))")
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH,
                         storage_options: Optional[Any] = None) -> None:

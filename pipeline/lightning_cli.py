@@ -9,6 +9,7 @@ resume. Conventions applied on top of what the config says (see `trainer_kwargs_
 - ``trainer.logger`` left null: an MLflow logger from the ``mlflow`` block, run name = spec name;
 - ``checkpoint.dirpath`` left null: ``outputs/checkpoints/<run name>``;
 - checkpoints are written atomically (`AtomicCheckpointIO`);
+- a NaN/inf training loss stops the fit (`NonFiniteLossGuard`, unless one is configured);
 - the resolved config is uploaded to the MLflow run as ``config.yaml``.
 
 `run_lightning_cli(argv)` is what ``condconv fit ...`` runs; `build_fit(config)` builds the same
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import sys
 import tempfile
@@ -33,11 +35,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from pipeline.checkpoint import AtomicCheckpointIO, RunCheckpoint, default_checkpoint_dir
 from pipeline.config_merge import deep_merge
 from pipeline.classification import ClassificationModule, DataMismatchError
-from pipeline.tracking import TrackingConfig, make_logger
+from pipeline.nonfinite import NonFiniteLossError, NonFiniteLossGuard
+from pipeline.tracking import TrackerUnreachableError, TrackingConfig, make_logger
 
 __all__ = [
     "CondConvCLI",
@@ -45,6 +49,7 @@ __all__ = [
     "MlflowConfigArtifact",
     "FitParts",
     "build_fit",
+    "check_trainer_config",
     "load_config",
     "run_lightning_cli",
     "trainer_kwargs_with_conventions",
@@ -111,6 +116,8 @@ def trainer_kwargs_with_conventions(
             if last is not None:
                 all_callbacks.append(last)
         all_callbacks.append(cb)
+    if not any(isinstance(cb, NonFiniteLossGuard) for cb in all_callbacks):
+        all_callbacks.append(NonFiniteLossGuard())
     kwargs["callbacks"] = all_callbacks
 
     plugins = kwargs.get("plugins") or []
@@ -119,6 +126,71 @@ def trainer_kwargs_with_conventions(
         plugins.append(AtomicCheckpointIO())
     kwargs["plugins"] = plugins
     return kwargs
+
+
+def _registry_names(registry: Any) -> list[str]:
+    return sorted(registry.available_accelerators() if hasattr(registry, "available_accelerators")
+                  else registry.available_strategies())
+
+
+def _valid_devices(devices: Any) -> bool:
+    if devices is None or devices == "auto" or devices == -1:
+        return True
+    if isinstance(devices, bool):
+        return False
+    if isinstance(devices, int):
+        return devices > 0
+    if isinstance(devices, (list, tuple)):
+        return bool(devices) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
+    if isinstance(devices, str):  # "2" or "0,1" (Lightning parses these)
+        parts = [p.strip() for p in devices.strip().strip(",").split(",")]
+        return all(p.isdigit() for p in parts) and (len(parts) > 1 or int(parts[0]) > 0)
+    return False
+
+
+# Trainer arguments the dry check below must not pass on: they name hardware or objects this
+# process need not have (a sweep is validated on a driver without GPUs), or have side effects.
+_HARDWARE_KEYS = ("accelerator", "strategy", "devices", "num_nodes", "logger", "callbacks", "plugins",
+                  "profiler", "default_root_dir", "enable_checkpointing", "precision")
+
+
+def check_trainer_config(trainer_config: Mapping[str, Any]) -> None:
+    """Raise `ConfigError` for a ``trainer`` block Lightning would refuse, without needing its hardware.
+
+    Accelerator and strategy names are checked against Lightning's registries and ``devices``
+    by its form; everything else (``max_epochs``, ``limit_*_batches``, ``val_check_interval`` ...)
+    by building a throwaway CPU Trainer from it, which runs Lightning's own checks (~20 ms).
+    """
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    accelerator = trainer_config.get("accelerator")
+    accelerators = ["auto", "gpu", *_registry_names(AcceleratorRegistry)]
+    if isinstance(accelerator, str) and accelerator not in accelerators:
+        raise ConfigError(f"trainer.accelerator={accelerator!r}; expected one of {accelerators}")
+    strategy = trainer_config.get("strategy")
+    strategies = ["auto", *_registry_names(StrategyRegistry)]
+    if isinstance(strategy, str) and strategy not in strategies:
+        raise ConfigError(f"trainer.strategy={strategy!r}; expected one of {strategies}")
+    devices = trainer_config.get("devices")
+    if not _valid_devices(devices):
+        raise ConfigError(f"trainer.devices={devices!r}; expected an int > 0, -1 or 'auto' (all), "
+                          "or a list of device indices")
+    num_nodes = trainer_config.get("num_nodes", 1)
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
+        raise ConfigError(f"trainer.num_nodes={num_nodes!r}; expected an int >= 1")
+    fixed = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+             "enable_progress_bar": False, "enable_model_summary": False}
+    rest = {k: v for k, v in trainer_config.items() if k not in _HARDWARE_KEYS and k not in fixed}
+    quiet = logging.getLogger("lightning.pytorch")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # no "GPU available: ..." lines from the throwaway Trainer
+    try:
+        pl.Trainer(**fixed, **rest)
+    except (ValueError, TypeError, MisconfigurationException) as err:
+        raise ConfigError(f"trainer: {_one_line(err)}") from err
+    finally:
+        quiet.setLevel(level)
 
 
 class CondConvCLI(LightningCLI):
@@ -142,6 +214,19 @@ class CondConvCLI(LightningCLI):
             help="torch intra-op CPU threads of this process (null: torch's default). 1 avoids "
                  "oversubscribing a small CPU that is shared with data workers or other jobs.")
 
+    def _set_seed(self) -> None:
+        # LightningCLI's own seeding, minus its "Seed set to N" line: logged before the config is
+        # instantiated, it would precede (and break up) the one-line error of a bad config.
+        # `instantiate_classes` logs it once everything is valid.
+        from lightning.fabric.utilities.seed import seed_everything
+
+        self._seed: Optional[int] = None
+        seed = self._get(self.config, "seed_everything")
+        if seed is False:
+            return
+        self._seed = seed_everything(None if seed is True else seed, workers=True, verbose=False)
+        (self.config[self.subcommand] if self.subcommand else self.config)["seed_everything"] = self._seed
+
     def before_instantiate_classes(self) -> None:
         """Apply ``num_threads`` before any model is built."""
         num_threads = self._get(self.config, "num_threads")
@@ -160,7 +245,8 @@ class CondConvCLI(LightningCLI):
         instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes
         try:
             self.config_init = instantiate(self.config)
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, MisconfigurationException) as err:
+            # A missing data_dir or a ModelCheckpoint mode typo is a config error like any other.
             raise ConfigError(str(err)) from err
         self.datamodule = self._get(self.config_init, "data")
         self.model = self._get(self.config_init, "model")
@@ -168,6 +254,8 @@ class CondConvCLI(LightningCLI):
         if callable(check_data):
             check_data(self.datamodule)
         self.trainer = self.instantiate_trainer()
+        if getattr(self, "_seed", None) is not None:
+            logging.getLogger("lightning.fabric.utilities.seed").info("Seed set to %d", self._seed)
 
     def instantiate_trainer(self, **kwargs: Any) -> Optional[pl.Trainer]:
         """Build the Trainer from the ``trainer`` block plus `trainer_kwargs_with_conventions`."""
@@ -175,6 +263,7 @@ class CondConvCLI(LightningCLI):
         callbacks = [self._get(self.config_init, key) for key in parser.callback_keys]
         tracking = self._get(self.config_init, "mlflow") or TrackingConfig()
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        check_trainer_config(trainer_config)
         trainer_kwargs = trainer_kwargs_with_conventions(trainer_config, self.model, tracking, callbacks)
         if not trainer_kwargs.get("fast_dev_run", False):
             config = self.config.get(str(self.subcommand), self.config)
@@ -183,7 +272,10 @@ class CondConvCLI(LightningCLI):
         self.trainer_kwargs = trainer_kwargs
         if not self.build_trainer:
             return None
-        return self.trainer_class(**trainer_kwargs)
+        try:
+            return self.trainer_class(**trainer_kwargs)
+        except (ValueError, TypeError, MisconfigurationException) as err:
+            raise ConfigError(f"trainer: {err}") from err
 
 
 def _cli_kwargs(model_class: type, datamodule_class: type) -> dict[str, Any]:
@@ -220,9 +312,10 @@ def run_lightning_cli(
 ) -> int:
     """Run ``condconv fit|validate|test ARGS``; returns the exit code.
 
-    Config errors (unknown key, bad value, model/data mismatch) print one line
-    ``condconv fit: error: ...`` to stderr and return 2; ``--help`` and ``--print_config`` return 0.
-    Other exceptions (bugs, out of memory) propagate with their traceback.
+    Config errors (unknown key, bad value, model/data mismatch, an unreachable tracking server) print
+    one line ``condconv fit: error: ...`` to stderr and return 2; ``--help`` and ``--print_config``
+    return 0. A non-finite training loss prints one line and returns 1. Other exceptions (bugs,
+    out of memory) propagate with their traceback.
     """
     argv = list(argv)
     command = argv[0] if argv else "fit"
@@ -236,9 +329,13 @@ def run_lightning_cli(
     except SystemExit as exit_:
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 1)
-    except (argparse.ArgumentError, ConfigError, DataMismatchError) as err:
+    except (argparse.ArgumentError, ConfigError, DataMismatchError, TrackerUnreachableError) as err:
         print(f"condconv {command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:
+        # The run is already marked (FAILED, condconv.status=nan_loss); a traceback adds nothing.
+        print(f"condconv {command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -150,15 +150,39 @@ def _dataclass_from(cls: type, raw: Any, section: str, path: Optional[Path]) -> 
         raise _fail(path, f"{section}: {err}") from None
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # YAML `true` is not a count
+
+
 def _check_resources(res: Resources, path: Optional[Path]) -> None:
-    if not isinstance(res.workers_per_trial, int) or res.workers_per_trial < 1:
+    if not _is_int(res.workers_per_trial) or res.workers_per_trial < 1:
         raise _fail(path, f"resources.workers_per_trial={res.workers_per_trial!r}; expected an int >= 1")
     for name in ("cpus_per_worker", "gpus_per_worker"):
         value = getattr(res, name)
-        if not isinstance(value, (int, float)) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise _fail(path, f"resources.{name}={value!r}; expected a number >= 0")
-    if not isinstance(res.max_concurrent_trials, int) or res.max_concurrent_trials < 1:
+    if not _is_int(res.max_concurrent_trials) or res.max_concurrent_trials < 1:
         raise _fail(path, f"resources.max_concurrent_trials={res.max_concurrent_trials!r}; expected an int >= 1")
+
+
+def _check_scheduler(sched: SchedulerConfig, path: Optional[Path]) -> None:
+    if sched.type not in SCHEDULERS:
+        raise _fail(path, f"scheduler.type={sched.type!r}; expected one of {list(SCHEDULERS)}")
+    if sched.mode not in ("max", "min"):
+        raise _fail(path, f"scheduler.mode={sched.mode!r}; expected 'max' or 'min'")
+    if not _is_int(sched.grace_period) or sched.grace_period < 1:
+        raise _fail(path, f"scheduler.grace_period={sched.grace_period!r}; expected an int >= 1 (epochs)")
+    if not _is_int(sched.reduction_factor) or sched.reduction_factor < 2:
+        raise _fail(path, f"scheduler.reduction_factor={sched.reduction_factor!r}; expected an int >= 2")
+    if not isinstance(sched.metric, str) or not sched.metric:
+        raise _fail(path, f"scheduler.metric={sched.metric!r}; expected a metric name such as 'val_top1'")
+
+
+def _optional_str(raw: Mapping[str, Any], key: str, section: str, path: Optional[Path]) -> Optional[str]:
+    value = raw.get(key)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise _fail(path, f"{section}{key}={value!r}; expected a non-empty string")
+    return value
 
 
 def _normalise_grid(raw: Any, path: Optional[Path]) -> list[dict[str, list[Any]]]:
@@ -210,6 +234,8 @@ def load_sweep(path: str | Path, name: Optional[str] = None) -> SweepConfig:
     bases = bases if isinstance(bases, list) else [bases]
     base_config: dict[str, Any] = {}
     for base in bases:
+        if not isinstance(base, str) or not base:
+            raise _fail(path, f"base={base!r}; expected the path of a fit config (or a list of paths)")
         base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
         if not base_path.is_file():
             raise _fail(path, f"base config {str(base)!r} not found (looked at {base_path})")
@@ -221,15 +247,15 @@ def load_sweep(path: str | Path, name: Optional[str] = None) -> SweepConfig:
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, Mapping):
         raise _fail(path, f"overrides must be a mapping of dotted keys to values, got {overrides!r}")
+    bad_keys = [k for k in overrides if not isinstance(k, str) or not k]
+    if bad_keys:
+        raise _fail(path, f"overrides key {bad_keys[0]!r} is not a dotted config name")
     overrides = {_canonical_key(k): v for k, v in overrides.items()}
 
     resources = _dataclass_from(Resources, raw.get("resources"), "resources", path)
     _check_resources(resources, path)
     scheduler = _dataclass_from(SchedulerConfig, raw.get("scheduler"), "scheduler", path)
-    if scheduler.type not in SCHEDULERS:
-        raise _fail(path, f"scheduler.type={scheduler.type!r}; expected one of {list(SCHEDULERS)}")
-    if scheduler.mode not in ("max", "min"):
-        raise _fail(path, f"scheduler.mode={scheduler.mode!r}; expected 'max' or 'min'")
+    _check_scheduler(scheduler, path)
 
     mlflow_raw = raw.get("mlflow") or {}
     if not isinstance(mlflow_raw, Mapping) or set(mlflow_raw) - {"tracking_uri", "experiment_name"}:
@@ -237,8 +263,12 @@ def load_sweep(path: str | Path, name: Optional[str] = None) -> SweepConfig:
     frontier_raw = raw.get("frontier") or {}
     if not isinstance(frontier_raw, Mapping) or set(frontier_raw) - {"metric"}:
         raise _fail(path, f"frontier: accepted keys are ['metric'], got {frontier_raw!r}")
+    _optional_str(mlflow_raw, "tracking_uri", "mlflow.", path)
+    _optional_str(mlflow_raw, "experiment_name", "mlflow.", path)
+    _optional_str(frontier_raw, "metric", "frontier.", path)
+    _optional_str(raw, "storage_path", "", path)
     max_failures = raw.get("max_failures", 1)
-    if not isinstance(max_failures, int) or max_failures < 0:
+    if not _is_int(max_failures) or max_failures < 0:
         raise _fail(path, f"max_failures={max_failures!r}; expected an int >= 0 (retries of a failed worker group)")
 
     return SweepConfig(

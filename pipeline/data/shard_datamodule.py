@@ -308,11 +308,18 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"val_resize ({val_resize}) must be >= image_size ({image_size})")
         self.save_hyperparameters()
         self.data_dir = str(data_dir)
+        if self.data_dir.startswith("pipe:"):
+            # A config file that runs commands should say so where it is used, not only in the docs.
+            log.warning("data_dir %r is a pipe: location: the manifest and every shard are read by running "
+                        "this shell command; only use configs you trust", self.data_dir)
         self.batch_size, self.num_workers, self.image_size = batch_size, num_workers, image_size
         self.val_resize = default_val_resize(image_size) if val_resize is None else val_resize
         self.train_augment, self.shuffle_buffer, self.seed = train_augment, shuffle_buffer, seed
         # Read eagerly: the model checks num_classes, and DDP needs num_train, before any loader exists.
-        self._manifest = read_manifest(self.data_dir)
+        try:
+            self._manifest = read_manifest(self.data_dir)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"data_dir={self.data_dir!r}: {err}") from None
         for split in ("train", "val"):
             if self._manifest.split(split).num_samples == 0:
                 raise ValueError(f"the {split} split in {self.data_dir} has no samples")
