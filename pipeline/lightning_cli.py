@@ -278,11 +278,42 @@ class CondConvCLI(LightningCLI):
             raise ConfigError(f"trainer: {err}") from err
 
 
-def _cli_kwargs(model_class: type, datamodule_class: type) -> dict[str, Any]:
+def uses_class_path(config: Any) -> bool:
+    """True when a config's ``model`` block names its LightningModule by ``class_path`` (e.g. detection).
+
+    Such a config gives ``model`` and ``data`` as ``{class_path: ..., init_args: ...}`` and any
+    LightningModule / LightningDataModule may be named; a config without (classification) keeps
+    the plain blocks of `ClassificationModule` and its data module.
+    """
+    model = config.get("model") if isinstance(config, Mapping) else None
+    return isinstance(model, Mapping) and "class_path" in model
+
+
+def _argv_configs(argv: Sequence[str]) -> list[Any]:
+    """The YAML files named by ``--config`` in ``argv``, parsed (unreadable ones are left to the CLI to report)."""
+    paths = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    configs = []
+    for path in paths:
+        try:
+            configs.append(yaml.safe_load(Path(path).read_text()))
+        except (OSError, yaml.YAMLError):
+            continue
+    return configs
+
+
+def _cli_kwargs(model_class: type, datamodule_class: type, subclass_mode: bool = False) -> dict[str, Any]:
     # Errors raise (argparse.ArgumentError) instead of printing usage and exiting: the caller
     # reports them as one line. No abbreviations: `--trainer.max_epoch` must not silently mean
     # `--trainer.max_epochs`.
     parser_kwargs = {"exit_on_error": False, "allow_abbrev": False}
+    if subclass_mode:  # `model`/`data` name their classes (class_path + init_args); see `uses_class_path`
+        return dict(
+            model_class=pl.LightningModule, datamodule_class=pl.LightningDataModule,
+            subclass_mode_model=True, subclass_mode_data=True,
+            **{k: v for k, v in _cli_kwargs(model_class, datamodule_class).items()
+               if k not in ("model_class", "datamodule_class")},
+        )
     return dict(
         model_class=model_class,
         datamodule_class=datamodule_class,
@@ -321,11 +352,12 @@ def run_lightning_cli(
     command = argv[0] if argv else "fit"
     if datamodule_class is None:
         datamodule_class = _default_datamodule_class()
+    subclass_mode = model_class is ClassificationModule and any(uses_class_path(c) for c in _argv_configs(argv))
     try:
         with warnings.catch_warnings():
             # We pass argv explicitly on purpose (sys.argv also holds `condconv fit ...`).
             warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter.*")
-            CondConvCLI(args=argv, **_cli_kwargs(model_class, datamodule_class))
+            CondConvCLI(args=argv, **_cli_kwargs(model_class, datamodule_class, subclass_mode))
     except SystemExit as exit_:
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 1)
@@ -399,7 +431,9 @@ def build_fit(
         datamodule_class = _default_datamodule_class()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter.*")
-        cli = CondConvCLI(args=config, run=False, build_trainer=False, **_cli_kwargs(model_class, datamodule_class))
+        subclass_mode = model_class is ClassificationModule and uses_class_path(config)
+        cli = CondConvCLI(args=config, run=False, build_trainer=False,
+                          **_cli_kwargs(model_class, datamodule_class, subclass_mode))
     kwargs = dict(cli.trainer_kwargs)
     kwargs["callbacks"] = [*kwargs["callbacks"], *extra_callbacks]
     extra_plugins = list(plugins)
