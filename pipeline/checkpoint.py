@@ -3,14 +3,17 @@
 `AtomicCheckpointIO` is the Trainer plugin that writes every checkpoint (ModelCheckpoint's and
 ``trainer.save_checkpoint``'s): to a temp file in the target directory, fsync, ``os.replace``,
 fsync of the directory. A crash mid-write leaves the previous checkpoint intact and at most a
-stray ``.*.tmp`` file, never a truncated ``.ckpt``. `RunCheckpoint` is ModelCheckpoint with this
+stray ``.*.tmp`` file (removed by the next complete save of that name), never a truncated
+``.ckpt``. It loads with ``weights_only=True`` only. `RunCheckpoint` is ModelCheckpoint with this
 project's defaults (best by val_top1 + last.ckpt); Lightning's ModelCheckpoint already deletes the
 checkpoint a new one replaces only after the new one is saved.
 """
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
+import time
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, Optional
@@ -40,6 +43,7 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
     path = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
+    started = time.time()
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -61,6 +65,19 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    _remove_stale_temp_files(path, tmp, before=started)
+
+
+def _remove_stale_temp_files(path: str, current_tmp: str, before: float) -> None:
+    """Delete temp files of ``path`` left by earlier saves that were killed mid-write.
+
+    Only files older than this save's start: a concurrent writer's temp file is never touched.
+    """
+    directory, name = os.path.split(path)
+    for stale in Path(directory).glob(f".{glob.escape(name)}.*.tmp"):
+        with suppress(FileNotFoundError):
+            if str(stale) != current_tmp and stale.stat().st_mtime < before:
+                stale.unlink()
 
 
 def _is_local(path: _PATH) -> bool:
