@@ -29,14 +29,7 @@ from pipeline.data.detection_transforms import (
     make_target,
 )
 from pipeline.data.manifest import join_location
-from pipeline.data.shard_datamodule import (
-    _EpochDataLoader,
-    _log_and_continue,
-    _seed,
-    _ShardStream,
-    _worker,
-    train_batches_per_rank,
-)
+from pipeline.data.shard_datamodule import _EpochDataLoader, _ShardStream, train_batches_per_rank
 
 __all__ = ["DetectionDataModule", "collate_detection"]
 
@@ -47,18 +40,30 @@ _MAX_SKIP_WARNINGS = 20
 def collate_detection(samples: Sequence[tuple[torch.Tensor, dict, dict]]) -> tuple[torch.Tensor, list, list]:
     """Stack the images; keep targets and COCO records as lists (their lengths differ)."""
     images, targets, records = zip(*samples)
-    plain = [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]} for t in targets]
-    return torch.stack(images), plain, list(records)
+    return torch.stack(images), [_plain(t) for t in targets], list(records)
+
+
+def _plain(target: dict) -> dict:
+    # torchvision's SSD wants plain tensors; BoundingBoxes would carry its metadata into the loss.
+    return {"boxes": target["boxes"].as_subclass(torch.Tensor), "labels": target["labels"]}
 
 
 class _DetectionStream(_ShardStream):
-    """`_ShardStream` with detection samples: image + COCO json in, (image, target, record) out."""
+    """`_ShardStream` with detection samples: image + COCO json in, ``(images, targets, records)`` batches out.
+
+    The shard reading, shuffling, rank/worker assignment and batching are `_ShardStream`'s; its
+    batches pair images with integer labels, so each decoded sample passes a ticket number as its
+    "label" and its target and record wait in ``_pending`` (in the same worker) until its batch
+    comes out.
+    """
 
     def __init__(self, *args: Any, label_of: dict[int, int], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.label_of = label_of
+        self._pending: dict[int, tuple[dict, dict]] = {}
+        self._tickets = itertools.count()
 
-    def _decode(self, samples: Iterator[dict]) -> Iterator[tuple[torch.Tensor, dict, dict]]:
+    def _decode(self, samples: Iterator[dict]) -> Iterator[tuple[torch.Tensor, int]]:
         for sample in samples:
             try:
                 ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
@@ -74,35 +79,15 @@ class _DetectionStream(_ShardStream):
                     log.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), err)
                 continue
             image, target = self.transform(image, target)
-            yield image, target, record
+            ticket = next(self._tickets)
+            self._pending[ticket] = (target, record)
+            yield image, ticket
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list, list]]:
-        import webdataset as wds
-
-        worker, num_workers = _worker()
-        if self.train:
-            stages: list[Any] = [
-                lambda: self._train_shards(worker, num_workers),
-                wds.tarfile_to_samples(handler=_log_and_continue),
-                self._count_read,
-                wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                            rng=_seed(self.seed, self.epoch, "samples", self.rank, worker)),
-            ]
-        else:
-            mine = self._val_assignment()[worker::num_workers]
-            if not mine:
-                return iter(())
-            partial = {url: j for url, j in mine if j is not None}
-            stages = [
-                lambda: iter([{"url": url} for url, _ in mine]),
-                wds.tarfile_to_samples(handler=_log_and_continue),
-                lambda src: self._keep_val_positions(src, partial),
-            ]
-        stages += [self._decode, wds.batched(self.batch_size, collation_fn=collate_detection, partial=not self.train)]
-        batches = iter(wds.DataPipeline(*stages))
-        if self.train:
-            return itertools.islice(batches, self._worker_batches(worker, num_workers))
-        return batches
+        self._pending.clear()
+        for images, tickets in super().__iter__():
+            items = [self._pending.pop(int(t)) for t in tickets]
+            yield images, [_plain(t) for t, _ in items], [r for _, r in items]
 
 
 class DetectionDataModule(L.LightningDataModule):
