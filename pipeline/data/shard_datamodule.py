@@ -14,7 +14,8 @@ How batches are distributed (see docs/data.md for the full story):
   the `n_shards % world_size` left over are read by every rank, each keeping the samples at the
   positions that fall to it. Each rank's shards are then split over its workers. Batch counts may
   differ by rank (metrics are synchronised once per epoch).
-* Undecodable samples are skipped and counted in `skipped_samples` (shared with the workers).
+* Undecodable samples are skipped and counted in `skipped_samples` (shared with the workers), and
+  so are the samples a truncated or unreadable shard should have held (per the manifest).
 """
 from __future__ import annotations
 
@@ -105,6 +106,8 @@ class _ShardStream(IterableDataset):
         self.seed, self.shuffle_buffer, self.num_batches = seed, shuffle_buffer, num_batches
         self.num_workers = num_workers  # of the DataLoader that will run this stream (for __len__)
         self.epoch = 0
+        self._sizes = dict(zip(self.urls, self.shard_sizes))
+        self._partial: dict[str, int] = {}  # val: shards this rank reads only some positions of
         self._skip_warnings = 0
         self._samples_read = 0  # raw samples out of the tar files, in this worker
 
@@ -131,10 +134,35 @@ class _ShardStream(IterableDataset):
                 # Otherwise an endless stream over unreadable shards would spin forever.
                 raise RuntimeError(f"no sample could be read from the shards {mine} (see the warnings above)")
 
-    def _count_read(self, samples: Iterator[dict]) -> Iterator[dict]:
-        for sample in samples:
-            self._samples_read += 1
-            yield sample
+    def _read_shards(self, shards: Iterator[dict[str, str]]) -> Iterator[dict]:
+        """Samples of each shard in turn; what a shard should hold but did not deliver counts as skipped.
+
+        webdataset's error handler drops the rest of a truncated or unreadable tar without a trace,
+        so each shard is expanded on its own and its sample count compared with the manifest's.
+        A shard cut short by the end of a train epoch (the stream is closed mid-shard) is not counted.
+        """
+        import webdataset as wds
+
+        expand = wds.tarfile_to_samples(handler=_log_and_continue)
+        for shard in shards:
+            read = 0
+            for sample in expand(iter([shard])):
+                read += 1
+                self._samples_read += 1
+                yield sample
+            self._count_missing(shard["url"], read)
+
+    def _count_missing(self, url: str, read: int) -> None:
+        size = self._sizes.get(url, 0)
+        if read >= size:
+            return
+        j = self._partial.get(url)  # val: a shard shared by every rank, positions p with (p + j) % world == rank
+        positions = range(read, size)
+        missing = len(positions) if j is None else sum((p + j) % self.world_size == self.rank for p in positions)
+        if missing:
+            self.skip_counter.increment(missing)
+            log.warning("shard %s ended after %d of its %d samples (truncated or unreadable): %d sample(s) of "
+                        "this reader counted as skipped", url, read, size, missing)
 
     def _worker_batches(self, worker: int, num_workers: int) -> int:
         # The DataLoader interleaves workers, so the rank's total is exactly the sum of these.
@@ -212,8 +240,7 @@ class _ShardStream(IterableDataset):
         if self.train:
             stages: list[Any] = [
                 lambda: self._train_shards(worker, num_workers),
-                wds.tarfile_to_samples(handler=_log_and_continue),
-                self._count_read,
+                self._read_shards,
                 wds.shuffle(
                     self.shuffle_buffer,
                     initial=self.shuffle_buffer,
@@ -225,9 +252,10 @@ class _ShardStream(IterableDataset):
             if not mine:
                 return iter(())
             partial = {url: j for url, j in mine if j is not None}
+            self._partial = partial
             stages = [
                 lambda: iter([{"url": url} for url, _ in mine]),  # (a bare list would be spliced into the stages)
-                wds.tarfile_to_samples(handler=_log_and_continue),
+                self._read_shards,
                 lambda src: self._keep_val_positions(src, partial),
             ]
         stages += [self._decode, wds.batched(self.batch_size, collation_fn=_collate, partial=not self.train)]
