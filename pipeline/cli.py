@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = {
     "sweep": "pipeline.sweep_cli",
     "routing": "pipeline.routing_cli",
     "demo": "pipeline.demo",
+    "mlflow": "pipeline.mlflow_cli",
 }
 
 

@@ -11,18 +11,25 @@ frontier) uses the names defined here.
   ``params``, ``model_name``, the recipe as ``recipe.<field>``, plus a few run facts
   (``global_batch_size``, ``lr_peak``, ...). Tags: ``arch``, ``width_mult``, ``num_experts``,
   ``placement``, ``madds``, ``params``, ``model_name`` (the frontier reads params first, then tags).
+- Reliability: an ``http(s)`` tracker is checked before a fit or sweep starts (`check_tracker`);
+  while it is down during a run, writes wait in a local spool (`pipeline.mlflow_spool`). A run
+  stopped by a non-finite loss has the tag ``condconv.status=nan_loss``.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import urllib.error
+import urllib.request
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Mapping, Optional
 
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+from pipeline.mlflow_spool import DEFAULT_SPOOL_DIR, SpoolingMLFlowLogger, is_transient
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
@@ -35,7 +42,10 @@ __all__ = [
     "MODEL_TAG_KEYS",
     "CHECKPOINT_TAG",
     "BEST_CHECKPOINT_TAG",
+    "STATUS_TAG",
     "TrackingConfig",
+    "TrackerUnreachableError",
+    "check_tracker",
     "resolve_tracking_uri",
     "make_logger",
     "model_params",
@@ -59,6 +69,7 @@ PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag for nested (child) run
 MODEL_TAG_KEYS = ("arch", "width_mult", "num_experts", "placement", "madds", "params", "model_name")
 CHECKPOINT_TAG = "checkpoint_path"  # the last checkpoint written (resume from it)
 BEST_CHECKPOINT_TAG = "best_checkpoint_path"  # the best by the checkpoint monitor
+STATUS_TAG = "condconv.status"  # why a run ended early (e.g. "nan_loss"); absent for a normal run
 
 
 @dataclass
@@ -72,6 +83,39 @@ class TrackingConfig:
     tags: Dict[str, str] = field(default_factory=dict)  # extra run tags (e.g. mlflow.parentRunId)
     artifact_location: Optional[str] = None  # for a new experiment; null: the store's default (./mlruns)
     log_checkpoints: bool = False  # upload checkpoints as artifacts at the end (they are large)
+    spool_dir: Optional[str] = None  # writes wait here while the tracker is down; null: outputs/mlflow-spool
+    retry_interval_s: float = 30.0  # while the tracker is down, try it again this often
+
+
+class TrackerUnreachableError(ValueError):
+    """The configured MLflow tracking server does not answer (reported as one line before any training)."""
+
+
+def check_tracker(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise `TrackerUnreachableError` unless an ``http(s)://`` tracker answers ``GET /health`` in time.
+
+    Other URIs (``sqlite:``, local paths, ``databricks``) are not servers this can probe. Any
+    HTTP answer below 500 counts as reachable (a proxy may want credentials for ``/health``).
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - http(s) only
+            status = response.status
+    except urllib.error.HTTPError as err:
+        status = err.code
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackerUnreachableError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it or set mlflow.tracking_uri "
+            f"(or MLFLOW_TRACKING_URI) to a reachable server or a local store such as sqlite:///mlflow.db"
+        ) from None
+    if status >= 500:
+        raise TrackerUnreachableError(
+            f"MLflow tracking server {uri} answers HTTP {status} at /health; wait until it is up or set "
+            f"mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to another tracker"
+        )
 
 
 def resolve_tracking_uri(configured: Optional[str] = None) -> str:
@@ -80,16 +124,24 @@ def resolve_tracking_uri(configured: Optional[str] = None) -> str:
 
 
 def make_logger(config: TrackingConfig, run_name: str) -> MLFlowLogger:
-    """The Lightning MLflow logger of a run; the run itself is created lazily on first use (rank 0)."""
+    """The Lightning MLflow logger of a run; the run itself is created lazily on first use (rank 0).
+
+    An ``http(s)`` tracker must answer now (`check_tracker`); writes made while it is down later
+    are spooled to ``config.spool_dir`` (`SpoolingMLFlowLogger`).
+    """
     tags = {ROLE_TAG: ROLE_FIT, **{k: str(v) for k, v in config.tags.items()}}
-    return MLFlowLogger(
+    tracking_uri = resolve_tracking_uri(config.tracking_uri)
+    check_tracker(tracking_uri)
+    return SpoolingMLFlowLogger(
         experiment_name=config.experiment_name,
         run_name=config.run_name or run_name,
-        tracking_uri=resolve_tracking_uri(config.tracking_uri),
+        tracking_uri=tracking_uri,
         tags=tags,
         artifact_location=config.artifact_location,
         run_id=config.run_id,
         log_model=config.log_checkpoints,
+        spool_dir=config.spool_dir or DEFAULT_SPOOL_DIR,
+        retry_interval_s=config.retry_interval_s,
     )
 
 
@@ -133,7 +185,12 @@ def log_params(loggers: Iterable[Logger], params: Mapping[str, Any]) -> None:
     for lg in loggers:
         todo = {k: str(v) for k, v in params.items()}
         if isinstance(lg, MLFlowLogger):
-            existing = lg.experiment.get_run(lg.run_id).data.params
+            try:
+                existing = lg.experiment.get_run(lg.run_id).data.params
+            except Exception as err:  # noqa: BLE001
+                if not is_transient(err):
+                    raise
+                existing = {}  # tracker down: log them all (spooled); equal values replay fine
             changed = sorted(k for k, v in todo.items() if k in existing and existing[k] != v[:250])
             if changed:
                 warnings.warn(f"MLflow run {lg.run_id} keeps its first values of params {changed} "
