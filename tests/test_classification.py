@@ -140,7 +140,7 @@ def test_checkpoint_loads_weights_only_and_rebuilds_the_module(tmp_path):
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)  # no pickled project classes inside
     assert checkpoint["hyper_parameters"]["model"]["num_experts"] == 2
-    restored = ClassificationModule.load_from_checkpoint(path)
+    restored = ClassificationModule.load_from_checkpoint(path, weights_only=True)
     assert restored.spec == spec and restored.recipe.lr == 0.1
     for a, b in zip(restored.model_ema.parameters(), module.model_ema.parameters()):
         torch.testing.assert_close(a, b)

@@ -207,7 +207,7 @@ def test_checkpoint_loads_never_unpickle_code(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="(?i)weights.only|unpickl"):
         AtomicCheckpointIO().load_checkpoint(evil)
     with pytest.raises(ValueError, match="weights_only=False"):
-        AtomicCheckpointIO().load_checkpoint(evil, weights_only=False)
+        AtomicCheckpointIO().load_checkpoint(evil, weights_only=False)  # unsafe on purpose: must be refused
     assert not proof.exists()
 
     # The Trainer's resume path goes through the CheckpointIO that build_fit / the CLI install.
@@ -216,5 +216,5 @@ def test_checkpoint_loads_never_unpickle_code(tmp_path, monkeypatch):
     parts = build_fit(config, datamodule_class=TinyDataModule)
     trainer = parts.make_trainer()
     with pytest.raises(ValueError, match="weights_only=False"):
-        trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=str(evil), weights_only=False)
+        trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=str(evil), weights_only=False)  # unsafe on purpose: must be refused
     assert not proof.exists()
