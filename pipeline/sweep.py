@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.sweep_config import SweepConfig, SweepError, Trial, expand_trials, get_dotted, set_dotted
+from pipeline.sweep_config import SweepConfig, SweepError, Trial, config_key, expand_trials, get_dotted, set_dotted
 
 __all__ = [
     "SweepResult",
@@ -69,6 +69,7 @@ class SweepResult:
     trials: list[TrialOutcome]
     frontier_paths: dict[str, Path] = field(default_factory=dict)
     frontier_table: str = ""
+    metric: str = "val_top1"  # the sweep's frontier metric (fraction), shown in the outcome table
 
 
 # ----------------------------------------------------------------------------- validation
@@ -78,9 +79,9 @@ def _is_local_path(uri: str) -> bool:
 
 def _absolutise(config: dict[str, Any], tracking_uri: str, experiment_name: str) -> None:
     """Make every path in a trial config absolute: Ray workers do not share the driver's cwd."""
-    data_dir = get_dotted(config, "data.data_dir")
+    data_dir = get_dotted(config, config_key(config, "data.data_dir"))
     if isinstance(data_dir, str) and _is_local_path(data_dir):
-        set_dotted(config, "data.data_dir", os.path.abspath(data_dir))
+        set_dotted(config, config_key(config, "data.data_dir"), os.path.abspath(data_dir))
     set_dotted(config, "mlflow.tracking_uri", tracking_uri)
     set_dotted(config, "mlflow.experiment_name", experiment_name)
     from pipeline.mlflow_spool import DEFAULT_SPOOL_DIR
@@ -116,7 +117,7 @@ def validate_trials(trials: list[Trial]) -> None:
     from pipeline.lightning_cli import ConfigError, build_fit
 
     for trial in trials:
-        data_dir = get_dotted(trial.config, "data.data_dir")
+        data_dir = get_dotted(trial.config, config_key(trial.config, "data.data_dir"))
         if isinstance(data_dir, str) and _is_local_path(data_dir) and not Path(data_dir, "manifest.json").is_file():
             raise SweepError(
                 f"trial {trial.key}: data.data_dir={data_dir!r} has no manifest.json; make shards with "
@@ -126,7 +127,7 @@ def validate_trials(trials: list[Trial]) -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 build_fit({**trial.config, "seed_everything": False})
-            spec_fields = get_dotted(trial.config, "model.model") or {}
+            spec_fields = get_dotted(trial.config, config_key(trial.config, "model.model")) or {}
             resolve_positions(condconv.ModelSpec(**spec_fields))
         except (argparse.ArgumentError, ConfigError, DataMismatchError, ValueError, TypeError,
                 FileNotFoundError) as err:
@@ -245,9 +246,15 @@ def trial_driver(config: dict[str, Any]) -> None:
     trial = config["trial"]
     sweep = config["sweep"]
     fit_config = trial["config"]
-    spec = condconv.ModelSpec(**(get_dotted(fit_config, "model.model") or {}))
+    spec = condconv.ModelSpec(**(get_dotted(fit_config, config_key(fit_config, "model.model")) or {}))
+    run_name = spec.name
+    detector = get_dotted(fit_config, "model.init_args.detector")
+    if isinstance(detector, dict):  # a detection trial: named after its detector (ssd300-<backbone>)
+        from condconv.detection import DetectorSpec
+
+        run_name = DetectorSpec(**detector).name(spec.name, spec.resolution)
     run_id, finished_metrics = _get_or_create_child_run(
-        sweep["tracking_uri"], sweep["experiment_id"], sweep["parent_run_id"], trial["key"], spec.name,
+        sweep["tracking_uri"], sweep["experiment_id"], sweep["parent_run_id"], trial["key"], run_name,
         {SWEEP_NAME_TAG: sweep["name"]},
     )
     if finished_metrics is not None:
@@ -467,7 +474,8 @@ def run_sweep(sweep: SweepConfig, address: Optional[str] = None, verbose: int = 
             )
         results = tuner.fit()
         outcomes = _outcomes(results, tracking_uri, experiment_id, parent_run_id)
-        result = SweepResult(sweep.name, parent_run_id, sweep.experiment_name, tracking_uri, outcomes)
+        result = SweepResult(sweep.name, parent_run_id, sweep.experiment_name, tracking_uri, outcomes,
+                             metric=sweep.frontier_metric)
         _finish(result, sweep, storage)
         return result
     finally:
@@ -504,15 +512,18 @@ def _outcomes(results, tracking_uri: str, experiment_id: str, parent_run_id: str
 
 
 def format_outcomes(result: SweepResult) -> str:
-    """The compact end-of-sweep table: trial, status, epochs, val top-1, MADDs, params."""
+    """The compact end-of-sweep table: trial, status, epochs, the frontier metric (val top-1), MADDs, params."""
     from mlflow.tracking import MlflowClient
 
+    from pipeline.frontier import metric_label
+
     client = MlflowClient(result.tracking_uri)
-    lines = ["| trial | model | status | epochs | val top-1 (%) | MADDs (M) | params (M) |", "|---|---|---|---:|---:|---:|---:|"]
+    lines = [f"| trial | model | status | epochs | {metric_label(result.metric)} | MADDs (M) | params (M) |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for t in result.trials:
         run = client.get_run(t.run_id) if t.run_id else None
         params = run.data.params if run else {}
-        top1 = t.metrics.get("val_top1")
+        top1 = t.metrics.get(result.metric)
         lines.append(
             f"| {t.key} | {run.info.run_name if run else '-'} | {t.status} | {t.metrics.get('epoch', -1) + 1:.0f} | "
             f"{'-' if top1 is None else f'{100 * top1:.2f}'} | "
@@ -527,14 +538,15 @@ def _finish(result: SweepResult, sweep: SweepConfig, storage: str) -> None:
     """Frontier files on the parent run, the tables, and the parent run's final status."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.frontier import format_table, log_frontier_to_mlflow, points_from_mlflow, write_frontier
+    from pipeline.frontier import format_table, log_frontier_to_mlflow, metric_label, points_from_mlflow, write_frontier
 
     client = MlflowClient(result.tracking_uri)
     points = points_from_mlflow(result.experiment_name, result.tracking_uri, result.parent_run_id, sweep.frontier_metric)
     out_dir = Path(storage if "://" not in storage else "outputs/sweeps", sweep.name, "frontier")
     if points:
-        result.frontier_paths = write_frontier(points, out_dir)
+        label = metric_label(sweep.frontier_metric)
+        result.frontier_paths = write_frontier(points, out_dir, metric_name=label)
         log_frontier_to_mlflow(result.frontier_paths, result.parent_run_id, result.tracking_uri)
-        result.frontier_table = format_table(points)
+        result.frontier_table = format_table(points, metric_name=label)
     failed = [t for t in result.trials if t.status != "DONE"]
     client.set_terminated(result.parent_run_id, status="FAILED" if failed else "FINISHED")

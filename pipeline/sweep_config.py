@@ -41,6 +41,7 @@ __all__ = [
     "expand_trials",
     "set_dotted",
     "get_dotted",
+    "config_key",
     "MODEL_ALIASES",
 ]
 
@@ -309,6 +310,20 @@ def trial_key(overrides: Mapping[str, Any]) -> str:
     return ("_".join(parts)[:80] + "_" + digest).replace(":", "")
 
 
+def config_key(config: Mapping[str, Any], dotted: str) -> str:
+    """Where ``dotted`` lives in ``config``: ``model.x`` / ``data.x`` become ``model.init_args.x`` /
+    ``data.init_args.x`` when that block names its class (``class_path``, e.g. detection configs).
+
+    So grid keys and aliases (``arch`` = ``model.model.arch``) read the same for every task.
+    """
+    head, _, rest = dotted.partition(".")
+    block = config.get(head)
+    if rest and head in ("model", "data") and isinstance(block, Mapping) and "class_path" in block \
+            and not rest.startswith(("init_args", "class_path")):
+        return f"{head}.init_args.{rest}"
+    return dotted
+
+
 def expand_trials(sweep: SweepConfig) -> list[Trial]:
     """Every grid point (union of the products, duplicates removed) as a full fit config."""
     trials, seen = [], set()
@@ -322,6 +337,6 @@ def expand_trials(sweep: SweepConfig) -> list[Trial]:
             seen.add(key)
             config = copy.deepcopy(sweep.base_config)
             for dotted, value in {**sweep.overrides, **overrides}.items():
-                set_dotted(config, dotted, value)
+                set_dotted(config, config_key(config, dotted), value)
             trials.append(Trial(key=key, overrides=overrides, config=config))
     return trials
