@@ -290,7 +290,7 @@ def trial_driver(config: dict[str, Any]) -> None:
 
 
 def _mark_nan_loss(tracking_uri: str, run_id: str, error: str) -> None:
-    """The trial's MLflow run: FAILED with ``condconv.status=nan_loss`` (rank 0 set it too, unless its writes are spooled)."""
+    """Mark the trial's MLflow run FAILED with ``condconv.status=nan_loss`` (rank 0 did too, unless spooled)."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.nonfinite import NAN_LOSS_STATUS
@@ -477,10 +477,21 @@ def run_sweep(sweep: SweepConfig, address: Optional[str] = None, verbose: int = 
         result = SweepResult(sweep.name, parent_run_id, sweep.experiment_name, tracking_uri, outcomes,
                              metric=sweep.frontier_metric)
         _finish(result, sweep, storage)
+        _report_unsent_spools(sweep.name, trials)
         return result
     finally:
         if started:
             ray.shutdown()
+
+
+def _report_unsent_spools(name: str, trials: list[Trial]) -> None:
+    """Say where MLflow writes wait that no trial could send (the tracker was down when it ended)."""
+    dirs = {get_dotted(t.config, "mlflow.spool_dir") for t in trials} - {None}
+    for spool_dir in sorted(dirs):
+        files = sorted(Path(spool_dir).glob("*.jsonl"))
+        if files:
+            print(f"sweep {name}: {len(files)} MLflow run(s) have writes the tracker did not get; "
+                  f"send them with `condconv mlflow replay {spool_dir}`", flush=True)
 
 
 def _outcomes(results, tracking_uri: str, experiment_id: str, parent_run_id: str) -> list[TrialOutcome]:

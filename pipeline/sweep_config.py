@@ -89,7 +89,7 @@ class SweepConfig:
     tracking_uri: Optional[str] = None
     experiment_name: str = "condconv-sweeps"
     frontier_metric: str = "val_top1"
-    max_failures: int = 1
+    max_failures: int = 2  # restarts of a trial's worker group after a worker process dies
     source_path: Optional[Path] = None
     source_text: str = ""
 
@@ -268,7 +268,7 @@ def load_sweep(path: str | Path, name: Optional[str] = None) -> SweepConfig:
     _optional_str(mlflow_raw, "experiment_name", "mlflow.", path)
     _optional_str(frontier_raw, "metric", "frontier.", path)
     _optional_str(raw, "storage_path", "", path)
-    max_failures = raw.get("max_failures", 1)
+    max_failures = raw.get("max_failures", 2)
     if not _is_int(max_failures) or max_failures < 0:
         raise _fail(path, f"max_failures={max_failures!r}; expected an int >= 0 (retries of a failed worker group)")
 
