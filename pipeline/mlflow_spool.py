@@ -282,6 +282,8 @@ class SpoolingMlflowClient:
                 if result.sent:
                     log.warning("MLflow tracker %s is back: sent %d spooled writes of run %s",
                                 self.tracking_uri, result.sent, run_id)
+        if not remaining:
+            self._offline_until = None  # a later outage is announced again
         return remaining
 
     def pending(self) -> int:
