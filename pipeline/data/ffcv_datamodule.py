@@ -94,6 +94,12 @@ class FFCVDataModule(L.LightningDataModule):
 
         for split in ("train", "val"):
             check_beton(self._beton(split), self._manifest.split(split).shards[0])
+        # FFCV compiles each loader's pipeline with numba (seconds): build each one once.
+        self._loaders: dict[tuple[str, int, int, str], Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # FFCV loaders hold threads and memory maps: a copy (spawned process, deepcopy) builds its own.
+        return {**self.__dict__, "_loaders": {}}
 
     # -- what the data is -------------------------------------------------------------------------
 
@@ -152,7 +158,8 @@ class FFCVDataModule(L.LightningDataModule):
         """The batches of `split` ("train" or "val") for an explicit rank and world size (an `FFCVBatches`).
 
         `train_dataloader`/`val_dataloader` call this with the Trainer's rank, world size and
-        device. Without a Trainer, each `iter()` of the train loader is the next epoch.
+        device. Loaders are built once per (split, rank, world size, device) and then reused (FFCV
+        compiles each one). Without a Trainer, each `iter()` of the train loader is the next epoch.
         """
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -167,13 +174,17 @@ class FFCVDataModule(L.LightningDataModule):
         from pipeline.data.ffcv_loading import FFCVBatches, make_loader
 
         device = self._device() if device is None else torch.device(device)
+        key = (split, rank, world_size, str(device))
+        if key in self._loaders:
+            return self._loaders[key]
         loader = make_loader(
             self._beton(split), train=train, batch_size=self.batch_size, num_workers=self.num_workers,
             image_size=self.image_size, val_resize=self.val_resize, augment=self.train_augment if train else "none",
             rank=rank, world_size=world_size, seed=self.seed, os_cache=self.os_cache,
             batches_ahead=self.batches_ahead, device=device,
         )  # fmt: skip
-        return FFCVBatches(loader, device, epoch_fn=self._current_epoch if train else None)
+        self._loaders[key] = FFCVBatches(loader, device, epoch_fn=self._current_epoch if train else None)
+        return self._loaders[key]
 
     def train_dataloader(self) -> Any:
         """Train batches: `num_train // (world_size * batch_size)` full batches on every rank."""

@@ -17,6 +17,11 @@ Imports ffcv at module level: import it only after `pipeline.data.ffcv_install.r
 * Batches: FFCV reuses a ring of `batches_ahead + 2` output buffers, and Lightning holds one batch
   more than a plain loop (it prefetches the next batch before the step), so `FFCVBatches` copies each
   batch out of the ring before handing it on; the normalisation on CUDA makes that copy anyway.
+* Loaders are cached per process (`make_loader`): FFCV compiles every loader's pipeline with numba
+  (seconds), and numba's finalizer of a collected pipeline function raises (and ignores) a KeyError,
+  which on Python 3.11 can leave the `ast` module's recursion counter off and break a later
+  `ast.parse` ("AST constructor recursion depth mismatch"). A loader is small once no epoch runs
+  (its buffers belong to the epoch), so the cache keeps each one for the life of the process.
 """
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 __all__ = ["FFCV_AUGMENTS", "FFCVBatches", "RankOrder", "check_beton", "make_loader"]
 
 FFCV_AUGMENTS = ("standard", "none")
+# (file identity, every loader argument) -> Loader; see the module docstring.
+_LOADERS: dict[tuple, Loader] = {}
 _REMAKE = "re-create it with `condconv data imagenet-to-ffcv` or `condconv data wds-to-ffcv`"
 
 
@@ -148,11 +155,24 @@ def make_loader(
     """An FFCV `Loader` over the `.beton` at `path` for one split on one rank (see the module docstring).
 
     Train drops the last partial batch (equal batch counts on every rank); val keeps it.
-    `num_workers` is FFCV's number of threads (at least 1).
+    `num_workers` is FFCV's number of threads (at least 1). The same arguments (and file) give the
+    same, already compiled, loader for the rest of the process.
     """
     if augment not in FFCV_AUGMENTS:
         raise ValueError(f"train_augment must be one of {list(FFCV_AUGMENTS)} with format 'ffcv', got {augment!r}")
     device = torch.device(device)
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, train, batch_size, max(1, num_workers),
+           image_size, val_resize, augment, rank, world_size, seed, os_cache, batches_ahead, str(device))
+    if key not in _LOADERS:
+        _LOADERS[key] = _new_loader(path, train, batch_size, num_workers, image_size, val_resize, augment, rank,
+                                    world_size, seed, os_cache, batches_ahead, device)
+    return _LOADERS[key]
+
+
+def _new_loader(path: str, train: bool, batch_size: int, num_workers: int, image_size: int, val_resize: int,
+                augment: str, rank: int, world_size: int, seed: int, os_cache: bool, batches_ahead: int,
+                device: torch.device) -> Loader:
     return Loader(
         path,
         batch_size=batch_size,
@@ -170,7 +190,7 @@ class FFCVBatches:
     """Iterable of `(images float32 [B,3,H,W], labels int64 [B])` over an FFCV `Loader`, with a `len`.
 
     Each `iter()` starts the epoch `epoch_fn()` returns (the Trainer's current epoch, so a resumed
-    run continues the same shuffle sequence); without one, each `iter()` is the next epoch.
+    run continues the same shuffle sequence); without one, the n-th `iter()` is epoch n.
     Batches are copied out of FFCV's reused buffers (see the module docstring); on CUDA they are
     normalised there. Images are channels-last in memory, as FFCV makes them.
     """
@@ -180,6 +200,7 @@ class FFCVBatches:
         self.loader = loader
         self.device = torch.device(device)
         self._epoch_fn = epoch_fn
+        self._iterations = 0
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
 
@@ -189,11 +210,19 @@ class FFCVBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self._epoch_fn() if self._epoch_fn is not None else None
-        if epoch is not None:
-            self.loader.next_epoch = epoch
-        for images, labels in self.loader:
-            if self.device.type == "cpu":
-                images = images.clone()  # already normalised by FFCV; keeps its channels-last layout
-            else:
-                images = images.float().sub_(self._mean).div_(self._std)
-            yield images, labels.clone()
+        # Loaders are shared (cached), so the epoch is set here rather than left to the loader's counter.
+        self.loader.next_epoch = self._iterations if epoch is None else epoch
+        self._iterations += 1
+        epoch_iterator = iter(self.loader)
+        finished = False
+        try:
+            for images, labels in epoch_iterator:
+                if self.device.type == "cpu":
+                    images = images.clone()  # already normalised by FFCV; keeps its channels-last layout
+                else:
+                    images = images.float().sub_(self._mean).div_(self._std)
+                yield images, labels.clone()
+            finished = True
+        finally:
+            if not finished:  # left early (limit_*_batches, an exception): stop FFCV's producer thread
+                epoch_iterator.close()
