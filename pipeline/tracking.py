@@ -86,6 +86,10 @@ class TrackingConfig:
     spool_dir: Optional[str] = None  # writes wait here while the tracker is down; null: outputs/mlflow-spool
     retry_interval_s: float = 30.0  # while the tracker is down, try it again this often
 
+    def __post_init__(self) -> None:
+        if isinstance(self.retry_interval_s, bool) or not self.retry_interval_s >= 0:
+            raise ValueError(f"mlflow.retry_interval_s={self.retry_interval_s!r}; expected a number of seconds >= 0")
+
 
 class TrackerUnreachableError(ValueError):
     """The configured MLflow tracking server does not answer (reported as one line before any training)."""

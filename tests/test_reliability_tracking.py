@@ -102,6 +102,16 @@ def test_sweep_with_unreachable_tracker_fails_before_ray_starts(workdir, digits_
     assert not ray.is_initialized() and not (workdir / "ray").exists()
 
 
+def test_bad_retry_interval_is_a_one_line_config_error(workdir, capsys):
+    path = workdir / "fit.yaml"
+    config = _tiny_config("unused")
+    config["mlflow"]["retry_interval_s"] = -1
+    path.write_text(yaml.safe_dump(config))
+    assert run_lightning_cli(["fit", "--config", str(path)], datamodule_class=TinyDataModule) == 2
+    assert capsys.readouterr().err.strip() == (
+        "condconv fit: error: mlflow.retry_interval_s=-1.0; expected a number of seconds >= 0")
+
+
 def test_mlflow_check_command(capsys):
     uri = f"http://127.0.0.1:{_free_port()}"
     assert condconv_main(["mlflow", "check", "--tracking-uri", uri]) == 2
