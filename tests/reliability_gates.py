@@ -5,6 +5,7 @@ Used (by class path in a fit config) to make "stop the tracker while the fit is 
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import lightning.pytorch as pl
 class WaitForFile(pl.Callback):
     """At the start or end of each listed epoch write ``<gate_dir>/epoch<N>.reached``, then wait for ``epoch<N>.go``.
 
-    A fit that finds ``epoch<N>.go`` already there (e.g. one restarted after a failure) passes at once.
+    Each waiting process also writes ``epoch<N>.pid.<pid>`` (a test kills a DDP worker by it). A fit that finds ``epoch<N>.go`` already there (e.g. one restarted after a failure) passes at once.
     """
 
     def __init__(self, gate_dir: str, epochs: list[int], at: str = "end", timeout_s: float = 300.0) -> None:
@@ -29,6 +30,7 @@ class WaitForFile(pl.Callback):
         if epoch not in self.epochs:
             return
         self.gate_dir.mkdir(parents=True, exist_ok=True)
+        (self.gate_dir / f"epoch{epoch}.pid.{os.getpid()}").touch()
         (self.gate_dir / f"epoch{epoch}.reached").touch()
         deadline = time.monotonic() + self.timeout_s
         while not (self.gate_dir / f"epoch{epoch}.go").exists():

@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
@@ -38,16 +37,9 @@ def _reported_epochs(experiment_dir: Path, lr: float) -> int:
     return 0
 
 
-def _train_workers(root_pid: int) -> list[psutil.Process]:
-    """The Ray Train worker processes started by the sweep process (its Ray cluster's, not others')."""
-    workers = []
-    for proc in psutil.Process(root_pid).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                workers.append(proc)
-        except psutil.Error:
-            continue
-    return workers
+def _waiting_workers(gates: Path) -> list[int]:
+    """Pids of the Ray Train worker processes waiting at the gate (each wrote ``epoch<N>.pid.<pid>``)."""
+    return sorted(int(p.name.rsplit(".", 1)[1]) for p in gates.glob(f"epoch{KILL_AT_EPOCH}.pid.*"))
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +89,10 @@ def failing_sweep(tmp_path_factory: pytest.TempPathFactory, digits_shards: Path)
                 # The workers wait at the start of epoch 1, and epoch 0 is reported to Tune (its
                 # checkpoint is registered before Tune sees the result): kill one worker.
                 reported = _reported_epochs(root / "ray" / "faults", GOOD_LR)
-                workers = _train_workers(proc.pid)
-                if (gates / f"epoch{KILL_AT_EPOCH}.reached").exists() and reported >= 1 and len(workers) == 2:
-                    killed, reported_at_kill = max(workers, key=lambda p: p.pid), reported
-                    os.kill(killed.pid, signal.SIGKILL)
+                workers = _waiting_workers(gates)
+                if reported >= 1 and len(workers) == 2:
+                    killed, reported_at_kill = workers[-1], reported
+                    os.kill(killed, signal.SIGKILL)
                     (gates / f"epoch{KILL_AT_EPOCH}.go").touch()  # the restarted workers pass the gate
                     break
                 time.sleep(0.2)
