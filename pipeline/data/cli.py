@@ -127,7 +127,7 @@ def _add_shapes(sub: argparse._SubParsersAction) -> None:
         "crowd regions), for `condconv data coco-to-wds`.",
     )
     p.add_argument("dst", help="output folder")
-    p.add_argument("--num-train", type=_positive_int, default=1000, help="train images (default: 1000)")
+    p.add_argument("--num-train", type=_positive_int, default=400, help="train images (default: 400)")
     p.add_argument("--num-val", type=_positive_int, default=100, help="val images (default: 100)")
     p.add_argument("--size", type=_positive_int, default=128, help="image side in pixels (default: 128)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")

@@ -95,7 +95,7 @@ def _image(rng: random.Random, size: int, max_objects: int) -> tuple[Image.Image
 
 def write_shapes(
     dst: str | os.PathLike,
-    num_train: int = 1000,
+    num_train: int = 400,
     num_val: int = 100,
     size: int = 128,
     max_objects: int = 3,
