@@ -38,7 +38,7 @@ def main_sweep(
     print(f"\nTrials of sweep {result.name} (MLflow parent run {result.parent_run_id}):\n")
     print(format_outcomes(result))
     if result.frontier_table:
-        print("\nAccuracy-vs-MADD frontier (val top-1; static = width scaling, condconv = experts):\n")
+        print(f"\nAccuracy-vs-MADD frontier ({result.metric}; static = width scaling, condconv = experts):\n")
         print(result.frontier_table + "\n")
         for kind, path in result.frontier_paths.items():
             print(f"frontier {kind}: {path}")
