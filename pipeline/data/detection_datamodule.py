@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import lightning as L
 import torch
@@ -31,16 +31,10 @@ from pipeline.data.detection_transforms import (
 from pipeline.data.manifest import join_location
 from pipeline.data.shard_datamodule import _EpochDataLoader, _ShardStream, train_batches_per_rank
 
-__all__ = ["DetectionDataModule", "collate_detection"]
+__all__ = ["DetectionDataModule"]
 
 log = logging.getLogger(__name__)
 _MAX_SKIP_WARNINGS = 20
-
-
-def collate_detection(samples: Sequence[tuple[torch.Tensor, dict, dict]]) -> tuple[torch.Tensor, list, list]:
-    """Stack the images; keep targets and COCO records as lists (their lengths differ)."""
-    images, targets, records = zip(*samples)
-    return torch.stack(images), [_plain(t) for t in targets], list(records)
 
 
 def _plain(target: dict) -> dict:
