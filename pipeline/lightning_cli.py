@@ -332,7 +332,15 @@ def _default_datamodule_class() -> Any:
 
 
 def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
+    text = str(err)
+    if text.startswith("Does not validate against any of the Union subtypes"):
+        # jsonargparse tries each type of an Optional[...] and lists every failure; the ones that say
+        # "Expected a <class 'NoneType'>" only mean the value was not null. Keep the real cause.
+        causes = [line.strip()[2:] for line in text.splitlines() if line.startswith("  - ")]
+        causes = [c for c in causes if not c.startswith("Expected a <class 'NoneType'>")]
+        if causes:
+            text = "; ".join(causes)
+    return " ".join(text.split())
 
 
 def run_lightning_cli(

@@ -41,3 +41,19 @@ def test_demo_config_fits_and_logs_map_and_madds(tmp_path: Path, monkeypatch: py
     code = main(["fit", "--config", str(REPO / "tasks/detection/demo.yaml"), "--data.init_args.data_dir", "wds",
                  "--model.init_args.model.num_classes", "5", "--mlflow.tracking_uri", uri])
     assert code == 2
+
+
+def test_missing_detection_data_is_one_line_naming_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # The data module is a class_path choice, so jsonargparse wraps its error in a Union report; the
+    # user must see the cause, not the report.
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--config", str(REPO / "tasks/detection/demo.yaml"),
+                 "--data.init_args.data_dir", str(tmp_path / "missing")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert "data_dir=" in err and "no manifest.json" in err and "coco-to-wds" in err
+    assert "Union subtypes" not in err and "NoneType" not in err
