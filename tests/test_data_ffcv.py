@@ -283,3 +283,30 @@ def test_demo_fit_with_ffcv_trains_like_webdataset(digits_ffcv, tmp_path):
     assert abs(ffcv["train_loss"] - webdataset["train_loss"]) < 0.3
     assert ffcv["data_skipped_samples"] == 0
 
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.timeout(60)
+def test_a_failing_ffcv_pipeline_raises_instead_of_hanging(small_ffcv):
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.loader import Loader
+    from ffcv.pipeline.operation import Operation
+
+    from pipeline.data.ffcv_loading import FFCVBatches
+
+    class Explode(Operation):  # a pipeline stage that fails on FFCV's loader thread
+        def generate_code(self):
+            def explode(images, dst):
+                raise OSError("disk went away")
+
+            return explode
+
+        def declare_state_and_memory(self, previous_state):
+            return previous_state, None
+
+    loader = Loader(str(small_ffcv / "val.beton"), batch_size=4, num_workers=1,
+                    pipelines={"image": [SimpleRGBImageDecoder(), Explode()], "label": [IntDecoder()]})
+    _RAW_LOADERS.append(loader)
+    with pytest.raises(RuntimeError, match="FFCV's loader thread stopped before the end of the epoch"):
+        list(FFCVBatches(loader))

@@ -26,6 +26,7 @@ Imports ffcv at module level: import it only after `pipeline.data.ffcv_install.r
 from __future__ import annotations
 
 import os
+import queue
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -216,7 +217,7 @@ class FFCVBatches:
         epoch_iterator = iter(self.loader)
         finished = False
         try:
-            for images, labels in epoch_iterator:
+            for images, labels in _batches(epoch_iterator):
                 if self.device.type == "cpu":
                     images = images.clone()  # already normalised by FFCV; keeps its channels-last layout
                 else:
@@ -226,3 +227,27 @@ class FFCVBatches:
         finally:
             if not finished:  # left early (limit_*_batches, an exception): stop FFCV's producer thread
                 epoch_iterator.close()
+
+
+def _batches(epoch_iterator) -> Iterator[tuple]:
+    """FFCV's `EpochIterator.__next__` (ffcv 1.0.2), except that a dead producer thread raises instead of hanging.
+
+    FFCV's own `__next__` blocks on its queue forever when the thread that fills it dies (an
+    exception in a pipeline stage, or in numba's compilation, which happens on that thread).
+    """
+    while True:
+        try:
+            item = epoch_iterator.output_queue.get(timeout=1.0)
+        except queue.Empty:
+            if not epoch_iterator.is_alive() and epoch_iterator.output_queue.empty():
+                raise RuntimeError(
+                    "FFCV's loader thread stopped before the end of the epoch (its exception is printed above)"
+                ) from None
+            continue
+        if item is None:
+            epoch_iterator.close()
+            return
+        slot, result = item
+        if getattr(epoch_iterator, "current_stream", None) is not None:  # CUDA: wait for this slot's copies
+            epoch_iterator.current_stream.wait_stream(epoch_iterator.cuda_streams[slot])
+        yield result
