@@ -24,7 +24,6 @@ decode rate. The machine is shared: the load average is printed before and after
 from __future__ import annotations
 
 import argparse
-import io
 import multiprocessing
 import os
 import shutil
