@@ -29,6 +29,7 @@ from pipeline.data.detection_transforms import (
     make_target,
 )
 from pipeline.data.manifest import join_location
+from pipeline.data.ranks import rank_and_world_size
 from pipeline.data.shard_datamodule import _EpochDataLoader, _ShardStream, train_batches_per_rank
 
 __all__ = ["DetectionDataModule"]
@@ -164,11 +165,7 @@ class DetectionDataModule(L.LightningDataModule):
         return self._skip_counter.value
 
     def _rank_and_world_size(self) -> tuple[int, int]:
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
+        return rank_and_world_size(self.trainer)
 
     def dataloader(self, split: str, rank: int = 0, world_size: int = 1) -> DataLoader:
         """The loader of ``"train"`` or ``"val"`` for an explicit rank and world size."""

@@ -23,6 +23,7 @@ import torch
 
 from pipeline.data.ffcv_install import require_ffcv
 from pipeline.data.manifest import MANIFEST_FORMAT_FFCV, MANIFEST_NAME, Manifest, read_manifest
+from pipeline.data.ranks import rank_and_world_size
 from pipeline.data.transforms import TRAIN_AUGMENTS, default_val_resize
 
 __all__ = ["FFCVDataModule"]
@@ -139,11 +140,7 @@ class FFCVDataModule(L.LightningDataModule):
         return os.path.join(self.data_dir, self._manifest.split(split).shards[0].name)
 
     def _rank_and_world_size(self) -> tuple[int, int]:
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
+        return rank_and_world_size(self.trainer)
 
     def _device(self) -> torch.device:
         """Where batches are made: the Trainer's device (FFCV copies them there itself), else CPU."""

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, SkipCounter, decode_image
 from pipeline.data.manifest import Manifest, join_location, read_manifest
+from pipeline.data.ranks import rank_and_world_size
 from pipeline.data.transforms import TRAIN_AUGMENTS, default_val_resize, train_transform, val_transform
 
 __all__ = ["ShardDataModule", "train_batches_per_rank"]
@@ -388,11 +389,7 @@ class ShardDataModule(L.LightningDataModule):
     # -- loaders ------------------------------------------------------------------------------------
 
     def _rank_and_world_size(self) -> tuple[int, int]:
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
+        return rank_and_world_size(self.trainer)
 
     def _current_epoch(self) -> int | None:
         return None if self.trainer is None else self.trainer.current_epoch
