@@ -23,7 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 import condconv
 from condconv import ModelSpec
 from pipeline import tracking
-from pipeline.recipe import Recipe, build_optimizer, build_scheduler, scaled_lr
+from pipeline.recipe import Recipe, lightning_optimizers, scaled_lr
 
 __all__ = ["ClassificationModule", "DataMismatchError"]
 
@@ -213,14 +213,8 @@ class ClassificationModule(pl.LightningModule):
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         """The recipe's optimizer at the batch-scaled lr and its per-step schedule."""
-        lr = scaled_lr(self.recipe, self.global_batch_size())
-        optimizer = build_optimizer(self.recipe, self.model, lr)
-        steps_per_epoch = self._steps_per_epoch()
-        total_epochs = self.trainer.max_epochs
-        if total_epochs is None or total_epochs < 0:
-            total_epochs = self.trainer.max_steps / steps_per_epoch
-        scheduler = build_scheduler(self.recipe, optimizer, steps_per_epoch, total_epochs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        return lightning_optimizers(self.recipe, self.model, self.global_batch_size(), self._steps_per_epoch(),
+                                    self.trainer.max_epochs, self.trainer.max_steps)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Step the optimizer, then update the EMA (once per optimizer step, not per micro-batch)."""

@@ -31,7 +31,7 @@ from condconv.detection import DetectorSpec, create_detector, detector_name
 from pipeline import tracking
 from pipeline.classification import DataMismatchError
 from pipeline.coco_eval import COCO_METRICS, CocoEvaluator
-from pipeline.recipe import Recipe, build_optimizer, build_scheduler, scaled_lr
+from pipeline.recipe import Recipe, lightning_optimizers, scaled_lr
 
 __all__ = ["DetectionModule"]
 
@@ -142,14 +142,8 @@ class DetectionModule(pl.LightningModule):
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         """The recipe's optimizer at the batch-scaled lr and its per-step schedule."""
-        lr = scaled_lr(self.recipe, self.global_batch_size())
-        optimizer = build_optimizer(self.recipe, self.model, lr)
-        steps_per_epoch = self._steps_per_epoch()
-        total_epochs = self.trainer.max_epochs
-        if total_epochs is None or total_epochs < 0:
-            total_epochs = self.trainer.max_steps / steps_per_epoch
-        scheduler = build_scheduler(self.recipe, optimizer, steps_per_epoch, total_epochs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        return lightning_optimizers(self.recipe, self.model, self.global_batch_size(), self._steps_per_epoch(),
+                                    self.trainer.max_epochs, self.trainer.max_steps)
 
     def training_step(self, batch: tuple[torch.Tensor, list, list], batch_idx: int) -> torch.Tensor:
         """SSD loss: smooth-L1 box regression + hard-negative-mined cross-entropy (torchvision's)."""

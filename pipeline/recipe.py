@@ -28,6 +28,7 @@ __all__ = [
     "param_groups",
     "build_optimizer",
     "build_scheduler",
+    "lightning_optimizers",
 ]
 
 OPTIMIZERS = ("rmsprop_tf", "sgd", "adamw")
@@ -172,6 +173,18 @@ def build_scheduler(
         raise ValueError(f"steps_per_epoch={steps_per_epoch!r}; expected a number > 0")
     factor: Callable[[int], float] = _factor_fn(recipe, float(steps_per_epoch), float(total_epochs))
     return LambdaLR(optimizer, lr_lambda=factor)
+
+
+def lightning_optimizers(
+    recipe: Recipe, model: nn.Module, global_batch_size: int, steps_per_epoch: float,
+    max_epochs: Optional[int], max_steps: int,
+) -> dict[str, Any]:
+    """What a LightningModule's ``configure_optimizers`` returns for ``recipe``: its optimizer at the
+    batch-scaled lr and the per-step schedule over ``max_epochs`` (or ``max_steps`` when epochs are unset)."""
+    optimizer = build_optimizer(recipe, model, scaled_lr(recipe, global_batch_size))
+    total_epochs = max_epochs if max_epochs is not None and max_epochs >= 0 else max_steps / steps_per_epoch
+    scheduler = build_scheduler(recipe, optimizer, steps_per_epoch, total_epochs)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 
 def _factor_fn(recipe: Recipe, steps_per_epoch: float, total_epochs: float) -> Callable[[int], float]:
