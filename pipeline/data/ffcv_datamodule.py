@@ -22,7 +22,7 @@ import lightning as L
 import torch
 
 from pipeline.data.ffcv_install import require_ffcv
-from pipeline.data.manifest import MANIFEST_FORMAT_FFCV, MANIFEST_NAME, Manifest, read_manifest
+from pipeline.data.manifest import MANIFEST_FORMAT_FFCV, MANIFEST_NAME, Manifest, ManifestFacts, read_manifest
 from pipeline.data.ranks import rank_and_world_size
 from pipeline.data.transforms import TRAIN_AUGMENTS, default_val_resize
 
@@ -31,7 +31,7 @@ __all__ = ["FFCVDataModule"]
 _FFCV_AUGMENTS = ("standard", "none")
 
 
-class FFCVDataModule(L.LightningDataModule):
+class FFCVDataModule(ManifestFacts, L.LightningDataModule):
     """Classification batches `(images float32 [B,3,H,W], labels int64 [B])` from FFCV `.beton` files.
 
     Args:
@@ -103,31 +103,6 @@ class FFCVDataModule(L.LightningDataModule):
         return {**self.__dict__, "_loaders": {}}
 
     # -- what the data is -------------------------------------------------------------------------
-
-    @property
-    def manifest(self) -> Manifest:
-        """The parsed `manifest.json`."""
-        return self._manifest
-
-    @property
-    def classes(self) -> list[str]:
-        """Class names; label `i` is `classes[i]`."""
-        return list(self._manifest.classes)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes."""
-        return self._manifest.num_classes
-
-    @property
-    def num_train(self) -> int:
-        """Train samples in `train.beton`."""
-        return self._manifest.split("train").num_samples
-
-    @property
-    def num_val(self) -> int:
-        """Val samples in `val.beton`."""
-        return self._manifest.split("val").num_samples
 
     @property
     def skipped_samples(self) -> int:

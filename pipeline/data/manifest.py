@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 __all__ = [
+    "ManifestFacts",
     "MANIFEST_FORMAT",
     "MANIFEST_FORMAT_FFCV",
     "MANIFEST_NAME",
@@ -199,3 +200,34 @@ def read_manifest(location: str | os.PathLike) -> Manifest:
         return Manifest.from_dict(json.loads(raw))
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"malformed manifest at {url}: {err}") from err
+
+
+class ManifestFacts:
+    """What a classification data module tells about its data, read from its ``self._manifest``."""
+
+    _manifest: Manifest
+
+    @property
+    def manifest(self) -> Manifest:
+        """The parsed `manifest.json`."""
+        return self._manifest
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names; label `i` is `classes[i]`."""
+        return list(self._manifest.classes)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return self._manifest.num_classes
+
+    @property
+    def num_train(self) -> int:
+        """Train samples."""
+        return self._manifest.split("train").num_samples
+
+    @property
+    def num_val(self) -> int:
+        """Val samples."""
+        return self._manifest.split("val").num_samples

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, SkipCounter, decode_image
-from pipeline.data.manifest import Manifest, join_location, read_manifest
+from pipeline.data.manifest import ManifestFacts, join_location, read_manifest
 from pipeline.data.ranks import rank_and_world_size
 from pipeline.data.transforms import TRAIN_AUGMENTS, default_val_resize, train_transform, val_transform
 
@@ -293,7 +293,7 @@ class _EpochDataLoader(DataLoader):
         return super().__iter__()
 
 
-class ShardDataModule(L.LightningDataModule):
+class ShardDataModule(ManifestFacts, L.LightningDataModule):
     """Classification batches `(images float32 [B,3,H,W], labels int64 [B])` from webdataset shards.
 
     Args:
@@ -355,31 +355,6 @@ class ShardDataModule(L.LightningDataModule):
         self._skip_counter = SkipCounter()
 
     # -- what the data is -------------------------------------------------------------------------
-
-    @property
-    def manifest(self) -> Manifest:
-        """The parsed `manifest.json`."""
-        return self._manifest
-
-    @property
-    def classes(self) -> list[str]:
-        """Class names; label `i` is `classes[i]`."""
-        return list(self._manifest.classes)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes."""
-        return self._manifest.num_classes
-
-    @property
-    def num_train(self) -> int:
-        """Train samples in the shards."""
-        return self._manifest.split("train").num_samples
-
-    @property
-    def num_val(self) -> int:
-        """Val samples in the shards."""
-        return self._manifest.split("val").num_samples
 
     @property
     def skipped_samples(self) -> int:
