@@ -322,7 +322,10 @@ def _init_ray(address: Optional[str], needed_cpus: float) -> bool:
     os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
     # Logical CPUs: the trials' workers plus their small driver functions may exceed the cores of a
     # laptop; Ray only uses the count for scheduling.
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed_cpus + 0.999)), include_dashboard=False, log_to_driver=True)
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, int(needed_cpus + 0.999)), include_dashboard=False, log_to_driver=True,
+        runtime_env={"worker_process_setup_hook": "pipeline.ray_worker_setup.quiet_state_api_warnings"},
+    )
     return True
 
 

@@ -121,6 +121,9 @@ def test_resumed_sweep_completes(interrupted_sweep: dict) -> None:
     assert interrupted_sweep["interrupted_while_running"], "the sweep ended before it could be interrupted"
     assert 1 <= interrupted_sweep["finished_before_resume"] < 3
     assert "resuming from" in second.stdout
+    # The local cluster runs no dashboard, so Ray Train's placement-group cleaner cannot reach the State
+    # API; its per-poll warning is silenced in the cluster's processes instead of flooding the output.
+    assert "Failed to query Ray Train Controller actor state" not in second.stdout + second.stderr
 
 
 def test_mlflow_has_one_parent_and_one_child_per_trial(interrupted_sweep: dict) -> None:
