@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from pipeline.data.checks import require_int_at_least
 from pipeline.data.ffcv_install import require_ffcv
 from pipeline.data.manifest import MANIFEST_FORMAT_FFCV, MANIFEST_NAME, Manifest, ManifestFacts, read_manifest
 from pipeline.data.ranks import rank_and_world_size
@@ -70,8 +71,7 @@ class FFCVDataModule(ManifestFacts, L.LightningDataModule):
             ("shuffle_buffer", shuffle_buffer, 0),
             ("batches_ahead", batches_ahead, 1),
         ):
-            if not isinstance(value, int) or value < lowest:
-                raise ValueError(f"{name} must be an integer >= {lowest}, got {value!r}")
+            require_int_at_least(name, value, lowest)
         if train_augment not in _FFCV_AUGMENTS:
             hint = " (no FFCV implementation; use format 'wds' for it)" if train_augment in TRAIN_AUGMENTS else ""
             raise ValueError(
@@ -87,9 +87,7 @@ class FFCVDataModule(ManifestFacts, L.LightningDataModule):
         self.train_augment, self.shuffle_buffer, self.seed = train_augment, shuffle_buffer, seed
         self.os_cache, self.batches_ahead = os_cache, batches_ahead
         self._manifest = _read_ffcv_manifest(self.data_dir)
-        for split in ("train", "val"):
-            if self._manifest.split(split).num_samples == 0:
-                raise ValueError(f"the {split} split in {self.data_dir} has no samples")
+        self._require_samples(self.data_dir)
         # Opened eagerly, like the manifest: a damaged file fails here, before any Trainer or MLflow run.
         from pipeline.data.ffcv_loading import check_beton
 

@@ -37,6 +37,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from pipeline.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
+from pipeline.data.checks import require_int_at_least
 from pipeline.data.ffcv_install import require_ffcv
 from pipeline.data.imagenet_wds import SPLITS, scan_image_folder
 from pipeline.data.manifest import (
@@ -264,8 +265,7 @@ def _check_options(write_mode: str, max_resolution: int | None, jpeg_quality: in
             f"write_mode 'smart' needs smart_threshold (bytes of raw pixels above which an image is stored "
             f"as JPEG), got {smart_threshold!r}"
         )
-    if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    require_int_at_least("workers", workers, 1)
     return _WriterOptions(write_mode, max_resolution, jpeg_quality, float(compress_probability), smart_threshold)
 
 

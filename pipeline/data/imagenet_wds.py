@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from pipeline.data.checks import require_int_at_least
 from pipeline.data.decode import ImageDecodeError, decode_image, sniff_format
 from pipeline.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo, file_sha256
 
@@ -269,8 +270,8 @@ def convert_imagenet_to_wds(
         progress: show a tqdm progress bar.
     """
     for name, value, lowest in (("shard_size", shard_size, 1), ("workers", workers, 1), ("max_side", max_side, 8)):
-        if value is not None and (not isinstance(value, int) or value < lowest):
-            raise ValueError(f"{name} must be an integer >= {lowest}, got {value!r}")
+        if value is not None:
+            require_int_at_least(name, value, lowest)
     dst = Path(dst)
     _check_destination(dst, overwrite)
     classes, items = scan_image_folder(src)

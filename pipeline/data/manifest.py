@@ -207,6 +207,12 @@ class ManifestFacts:
 
     _manifest: Manifest
 
+    def _require_samples(self, data_dir: str) -> None:
+        # An empty split would only show up as a zero-length epoch (or a DDP hang) much later.
+        for split in ("train", "val"):
+            if self._manifest.split(split).num_samples == 0:
+                raise ValueError(f"the {split} split in {data_dir} has no samples")
+
     @property
     def manifest(self) -> Manifest:
         """The parsed `manifest.json`."""

@@ -29,6 +29,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.data.checks import require_int_at_least
 from pipeline.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, SkipCounter, decode_image
 from pipeline.data.manifest import ManifestFacts, join_location, read_manifest
 from pipeline.data.ranks import rank_and_world_size
@@ -329,8 +330,7 @@ class ShardDataModule(ManifestFacts, L.LightningDataModule):
             ("image_size", image_size, 1),
             ("shuffle_buffer", shuffle_buffer, 0),
         ):
-            if not isinstance(value, int) or value < lowest:
-                raise ValueError(f"{name} must be an integer >= {lowest}, got {value!r}")
+            require_int_at_least(name, value, lowest)
         if train_augment not in TRAIN_AUGMENTS:
             raise ValueError(f"train_augment must be one of {list(TRAIN_AUGMENTS)}, got {train_augment!r}")
         if val_resize is not None and val_resize < image_size:
@@ -349,9 +349,7 @@ class ShardDataModule(ManifestFacts, L.LightningDataModule):
             self._manifest = read_manifest(self.data_dir)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"data_dir={self.data_dir!r}: {err}") from None
-        for split in ("train", "val"):
-            if self._manifest.split(split).num_samples == 0:
-                raise ValueError(f"the {split} split in {self.data_dir} has no samples")
+        self._require_samples(self.data_dir)
         self._skip_counter = SkipCounter()
 
     # -- what the data is -------------------------------------------------------------------------
