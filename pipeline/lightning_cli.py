@@ -51,6 +51,7 @@ __all__ = [
     "build_fit",
     "check_trainer_config",
     "load_config",
+    "one_line_error",
     "run_lightning_cli",
     "trainer_kwargs_with_conventions",
 ]
@@ -188,7 +189,7 @@ def check_trainer_config(trainer_config: Mapping[str, Any]) -> None:
     try:
         pl.Trainer(**fixed, **rest)
     except (ValueError, TypeError, MisconfigurationException) as err:
-        raise ConfigError(f"trainer: {_one_line(err)}") from err
+        raise ConfigError(f"trainer: {one_line_error(err)}") from err
     finally:
         quiet.setLevel(level)
 
@@ -331,7 +332,8 @@ def _default_datamodule_class() -> Any:
     return classification_data
 
 
-def _one_line(err: BaseException) -> str:
+def one_line_error(err: BaseException) -> str:
+    """``err``'s message on one line, reduced to its cause where jsonargparse wraps it in a Union report."""
     text = str(err)
     if text.startswith("Does not validate against any of the Union subtypes"):
         # jsonargparse tries each type of an Optional[...] and lists every failure; the ones that say
@@ -370,11 +372,11 @@ def run_lightning_cli(
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     except (argparse.ArgumentError, ConfigError, DataMismatchError, TrackerUnreachableError) as err:
-        print(f"condconv {command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"condconv {command}: error: {one_line_error(err)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
         # The run is already marked (FAILED, condconv.status=nan_loss); a traceback adds nothing.
-        print(f"condconv {command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"condconv {command}: error: {one_line_error(err)}", file=sys.stderr)
         return 1
     return 0
 

@@ -79,9 +79,10 @@ def _is_local_path(uri: str) -> bool:
 
 def _absolutise(config: dict[str, Any], tracking_uri: str, experiment_name: str) -> None:
     """Make every path in a trial config absolute: Ray workers do not share the driver's cwd."""
-    data_dir = get_dotted(config, config_key(config, "data.data_dir"))
+    data_key = config_key(config, "data.data_dir")
+    data_dir = get_dotted(config, data_key)
     if isinstance(data_dir, str) and _is_local_path(data_dir):
-        set_dotted(config, config_key(config, "data.data_dir"), os.path.abspath(data_dir))
+        set_dotted(config, data_key, os.path.abspath(data_dir))
     set_dotted(config, "mlflow.tracking_uri", tracking_uri)
     set_dotted(config, "mlflow.experiment_name", experiment_name)
     from pipeline.mlflow_spool import DEFAULT_SPOOL_DIR
@@ -114,15 +115,9 @@ def validate_trials(trials: list[Trial]) -> None:
     import condconv
     from condconv.models.registry import resolve_positions
     from pipeline.classification import DataMismatchError
-    from pipeline.lightning_cli import ConfigError, build_fit
+    from pipeline.lightning_cli import ConfigError, build_fit, one_line_error
 
     for trial in trials:
-        data_dir = get_dotted(trial.config, config_key(trial.config, "data.data_dir"))
-        if isinstance(data_dir, str) and _is_local_path(data_dir) and not Path(data_dir, "manifest.json").is_file():
-            raise SweepError(
-                f"trial {trial.key}: data.data_dir={data_dir!r} has no manifest.json; make shards with "
-                f"`condconv data imagenet-to-wds SRC {data_dir}`"
-            )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -131,7 +126,7 @@ def validate_trials(trials: list[Trial]) -> None:
             resolve_positions(condconv.ModelSpec(**spec_fields))
         except (argparse.ArgumentError, ConfigError, DataMismatchError, ValueError, TypeError,
                 FileNotFoundError) as err:
-            raise SweepError(f"trial {trial.key}: {' '.join(str(err).split())}") from None
+            raise SweepError(f"trial {trial.key}: {one_line_error(err)}") from None
         except SystemExit:
             raise SweepError(f"trial {trial.key}: invalid fit config") from None
 

@@ -29,3 +29,15 @@ def test_detection_sweep_expands_into_class_path_blocks(tmp_path: Path) -> None:
     trial = trials[3]
     trial.config["data"]["init_args"]["data_dir"] = str(tmp_path / "wds")
     validate_trials([trial])  # builds the DetectionModule and data module as the trial would
+
+
+def test_detection_sweep_without_its_data_is_one_line_naming_the_converter(tmp_path: Path, monkeypatch, capsys) -> None:
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the sweep's relative data_dir does not exist here
+    code = main(["sweep", str(REPO / "tasks/sweeps/detection_demo.yaml"), "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert "data_dir=" in err and "no manifest.json" in err and "coco-to-wds" in err
+    assert "Union subtypes" not in err and "NoneType" not in err

@@ -30,7 +30,7 @@ from condconv.models.registry import list_models
 from condconv.routing import ROUTING_SCOPES
 from pipeline.classification import DataMismatchError
 from pipeline.data.transforms import TRAIN_AUGMENTS
-from pipeline.lightning_cli import ConfigError, _one_line, build_fit, load_config
+from pipeline.lightning_cli import ConfigError, build_fit, load_config, one_line_error
 from pipeline.sweep import prepare_trials
 from pipeline.sweep_config import SweepError, load_sweep, set_dotted
 
@@ -136,7 +136,7 @@ def test_bad_fit_configs_fail_with_one_line_naming_the_key(digits_shards, tmp_pa
         build_fit({**config, "seed_everything": False})
     err = info.value
     assert isinstance(err, FIT_CONFIG_ERRORS), f"{dotted}={value!r}: {type(err).__name__} would be a traceback: {err}"
-    line = _one_line(err)
+    line = one_line_error(err)
     for needle in needles:
         assert needle.lower() in line.lower(), f"{dotted}={value!r}: {needle!r} not in {line!r}"
 
